@@ -1,0 +1,1 @@
+"""The devices: the Flower ClientApp that simulates a shard of phones."""

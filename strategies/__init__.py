@@ -1,0 +1,1 @@
+"""The cloud: Flower strategies that train centrally and serve sub-models."""
