@@ -1,0 +1,1 @@
+"""Models: gated backbones, Forward-OFA controller/extractor/mapper, sub-model assembly, costs."""

@@ -1,0 +1,55 @@
+"""What a sub-model costs: FLOPs of one on-device inference, parameters, bytes shipped.
+
+FLOPs count multiply-adds as 2 and include the matrix products, convolutions and attention
+(what `torch.utils.flop_counter` counts); normalisations and activations are left out (they
+are under 2% here). One inference = one forward pass over a sequence of `maxlen` items and
+the scores of the whole catalogue at the last position.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+from fl_sim.models.backbone import Backbone
+from fl_sim.models.blocks import NextItNetBlock, SASRecBlock
+
+BYTES = {"fp32": 4, "fp16": 2, "int8": 1}
+
+
+def block_flops(block, T: int) -> int:
+    if isinstance(block, SASRecBlock):
+        d = block.d
+        return 12 * T * d * d + 4 * T * T * d  # q,k,v,o + 2-layer FFN; QK^T and AV
+    if isinstance(block, NextItNetBlock):
+        return 2 * (2 * T * block.d * block.d * block.kernel)
+    raise TypeError(type(block))
+
+
+def inference_flops(backbone: Backbone, blocks: Iterable[int], T: Optional[int] = None) -> int:
+    T = backbone.maxlen if T is None else T
+    return sum(block_flops(backbone.blocks[l], T) for l in blocks) + 2 * backbone.d * backbone.n_items
+
+
+def block_params(backbone: Backbone, blocks: Iterable[int]) -> int:
+    return sum(backbone.blocks[l].n_params() for l in blocks)
+
+
+def base_params(backbone: Backbone) -> int:
+    """Parameters every on-device model holds whatever its blocks: embeddings and the final LN."""
+    n = backbone.item_emb.weight.numel() + 2 * backbone.d
+    return n + (backbone.pos_emb.weight.numel() if backbone.pos_emb is not None else 0)
+
+
+def model_params(backbone: Backbone, blocks: Iterable[int]) -> int:
+    return base_params(backbone) + block_params(backbone, blocks)
+
+
+def payload_bytes(n_params: int, n_tensors: int, precision: str = "fp32") -> int:
+    """Bytes of a weight payload; int8 carries one fp32 scale per tensor."""
+    if precision not in BYTES:
+        raise ValueError(f"precision must be one of {list(BYTES)}, got {precision!r}")
+    return n_params * BYTES[precision] + (4 * n_tensors if precision == "int8" else 0)
+
+
+def gru_flops(d_in: int, hidden: int, steps: int) -> int:
+    return steps * 6 * hidden * (d_in + hidden)
