@@ -6,8 +6,10 @@ evaluation on the test item. Writes DIR/metrics.json and DIR/checkpoint.pt.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
+from pathlib import Path
 
 import hydra
 import numpy as np
@@ -21,7 +23,7 @@ from fl_sim.errors import ConfigError
 from fl_sim.models import checkpoint, cost
 from fl_sim.models.factory import build_model
 from fl_sim.models.payload import PRECISIONS
-from fl_sim.training import EvalResult, OfflineData, evaluate, fit
+from fl_sim.training import EvalResult, FitResult, OfflineData, evaluate, finetune_evaluate, fit
 
 
 def block_report(res: EvalResult, n_blocks: int) -> dict:
@@ -49,20 +51,30 @@ def train_and_evaluate(cfg: DictConfig) -> dict:
         bar.set_postfix({k: round(v, 4) for k, v in row.items() if k in ("loss", "valid_ndcg10", "kept_blocks")})
 
     t = cfg.train
-    result = fit(model, data, lr=t.lr, batch=t.batch, max_epochs=t.max_epochs, patience=t.patience,
-                 max_minutes=t.max_minutes, eval_every=t.eval_every, seed=cfg.seed, weight_decay=t.weight_decay,
-                 ce_positions=t.ce_positions, progress=progress)
+    if t.checkpoint:  # evaluate a trained model again (another protocol or payload), no training
+        extra = checkpoint.load(Path(t.checkpoint).expanduser(), model, fp)
+        result = FitResult(**extra["fit"]) if "fit" in extra else FitResult(0, 0, float("nan"), 0.0, [], "unknown")
+    else:
+        result = fit(model, data, lr=t.lr, batch=t.batch, max_epochs=t.max_epochs, patience=t.patience,
+                     max_minutes=t.max_minutes, eval_every=t.eval_every, seed=cfg.seed,
+                     weight_decay=t.weight_decay, ce_positions=t.ce_positions, progress=progress)
+        checkpoint.save(out / "checkpoint.pt", model, fp, {"fit": dataclasses.asdict(result)})
     bar.close()
-    checkpoint.save(out / "checkpoint.pt", model, fp, {"best_epoch": result.best_epoch})
-    test = evaluate(model, data, "test", protocol=cfg.eval.protocol, exclude_seen=cfg.eval.exclude_seen,
-                    seed=cfg.seed, payload=cfg.eval.payload)
+    device_train_flops = 0.0
+    if cfg.method.name == "finetune":
+        test, device_train_flops = finetune_evaluate(
+            model, data, "test", steps=cfg.method.steps, lr=cfg.method.lr, protocol=cfg.eval.protocol,
+            exclude_seen=cfg.eval.exclude_seen, seed=cfg.seed)
+    else:
+        test = evaluate(model, data, "test", protocol=cfg.eval.protocol, exclude_seen=cfg.eval.exclude_seen,
+                        seed=cfg.seed, payload=cfg.eval.payload)
     bb = model.backbone
     full = list(range(bb.n_blocks))
     metrics = {
         "dataset": cfg.dataset.name, "model": cfg.model.kind, "method": cfg.method.name,
         "protocol": cfg.eval.protocol, "payload": cfg.eval.payload,
         "ndcg10": test.ndcg10, "hit10": test.hit10, "users": test.users,
-        "flops": test.flops, "params": test.params, "shipped_params": test.shipped_params,
+        "flops": test.flops, "params": test.params, "device_train_flops": device_train_flops, "shipped_params": test.shipped_params,
         "flops_ratio_full": test.flops / cost.inference_flops(bb, full),
         "params_ratio_full": test.params / cost.model_params(bb, full),
         "shipped_bytes": test.shipped_params * {"fp32": 4, "fp16": 2, "int8": 1}[cfg.eval.payload],

@@ -26,7 +26,7 @@ def fingerprint(cfg: DictConfig, n_items: int) -> dict:
             "streams": OmegaConf.to_container(cfg.streams, resolve=True),
             "model": OmegaConf.to_container(cfg.model, resolve=True),
             "method": OmegaConf.to_container(cfg.method, resolve=True),
-            "train": OmegaConf.to_container(cfg.train, resolve=True)}
+            "train": {k: v for k, v in OmegaConf.to_container(cfg.train, resolve=True).items() if k != "checkpoint"}}
 
 
 def digest(fp: dict) -> str:
