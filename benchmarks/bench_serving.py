@@ -68,7 +68,7 @@ def main() -> None:
         "requests": args.requests, "runs": args.runs, "threads": torch.get_num_threads(),
         "trained": bool(args.checkpoint), "median_s": statistics.median(times), "all_s": times,
         "mean_blocks": float(np.mean([len(s.blocks) for s in subs])),
-        "payload_mb_total_fp32": sum(s.payload_bytes() for s in subs) / 1e6,
+        "payload_mb_total_fp32": sum(s.payload_bytes(model) for s in subs) / 1e6,
     }
     out = ROOT / "benchmarks/results/serving.json"
     out.write_text(json.dumps(result, indent=2) + "\n")

@@ -130,17 +130,41 @@ def test_param_counts_and_bytes():
 def test_budget_drops_least_wanted_blocks():
     model = make("sasrec", 4, perturb=False)
     bb = model.backbone
-    gate = [1, 1, 1, 0]
-    margin = [0.9, 0.1, 0.5, -1.0]
-    two = cost.inference_flops(bb, [0, 2])
-    assert select_blocks(model, gate, margin, Budget(max_flops=two)) == [0, 2]
-    assert select_blocks(model, gate, margin, Budget(max_params=cost.model_params(bb, [0]))) == [0]
+    gate = np.array([[1, 1, 1, 0]] * 3)
+    margin = np.array([[0.9, 0.1, 0.5, -1.0]] * 3)
+    inf = np.full(3, np.inf)
+    max_flops = np.array([np.inf, cost.inference_flops(bb, [0, 2]), np.inf])
+    max_params = np.array([np.inf, np.inf, cost.model_params(bb, [0])])
+    keep = select_blocks(model, gate, margin, max_flops, max_params)
+    assert [np.flatnonzero(k).tolist() for k in keep] == [[0, 1, 2], [0, 2], [0]]
+    assert select_blocks(model, gate, margin, inf, inf).sum() == 9
     # A budget below the block-free model: a defined outcome, not a crash.
     seq = batch()
     beta, g, h = model.encode(seq)
     subs = assemble(model, beta, g, h, [Budget(max_flops=1.0)] * len(seq))
     assert all(s.blocks == [] and not s.fits for s in subs)
     assert run_submodel(model, subs[0], seq[:1]).shape == (1, 12, 16)
+    ok = assemble(model, beta, g, h, [Budget()] * len(seq))
+    assert all(s.fits and s.shipped_params == cost.block_params(bb, s.blocks) for s in ok)
+    assert ok[0].payload_bytes(model, "fp16") == 2 * ok[0].shipped_params
+
+
+@pytest.mark.parametrize("generate", ["full", "affine"])
+def test_serving_weights_equal_training_weights(generate):
+    torch.manual_seed(0)
+    bb = Backbone("sasrec", n_items=50, d=16, n_blocks=3, maxlen=12, dropout=0.0)
+    model = Recommender(bb, MethodSpec("forward_ofa", "learned", True, True, generate=generate), hidden=8).eval()
+    for head in model.mapper.heads:
+        torch.nn.init.normal_(head.weight, std=0.05)
+        torch.nn.init.normal_(head.bias, std=0.05)
+    h = torch.randn(4, 8)
+    for k, block in enumerate(bb.blocks):
+        named = model.mapper.block_params(block, k, h)
+        flat = block.unflatten(model.mapper.block_flat(block, k, h))
+        for name in named:
+            torch.testing.assert_close(flat[name], named[name].expand_as(flat[name]))
+    if generate == "affine":
+        assert model.mapper.head_params() < 0.1 * sum(b.n_params() for b in bb.blocks) * 9
 
 
 def test_payload_roundtrip_error_is_small():

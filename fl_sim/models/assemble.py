@@ -1,8 +1,10 @@
 """Build each requesting device's sub-model in one batched pass of the mapper.
 
 The device sends (beta, h) and its budget; the cloud keeps the blocks the structure selects,
-drops the least-wanted ones (smallest beta[l,0] - beta[l,1]) until the sub-model fits the
-budget, runs only those blocks' heads, and returns their weights.
+drops the least wanted ones (smallest beta[l,0] - beta[l,1]) until the sub-model fits the
+budget, runs each kept block's head once for all devices that keep it (one matrix product,
+the block's shared weights folded into the bias), and returns every device its blocks' flat
+weight vectors.
 
 A budget that admits no block still gets a model: the block-free one (item embeddings and the
 final LayerNorm), marked `fits=False` when even that exceeds the budget, so the caller can
@@ -15,6 +17,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 
 from fl_sim.models import cost
@@ -30,26 +33,41 @@ class Budget:
 @dataclass
 class SubModel:
     blocks: list[int]
-    weights: list[dict[str, torch.Tensor]] = field(repr=False)  # one dict per kept block
+    flat: list[torch.Tensor] = field(repr=False)  # one flat weight vector per kept block
     wanted: int  # blocks the structure selected before the budget
     fits: bool
     flops: int
     params: int  # on-device model parameters
     shipped_params: int  # parameters of the kept blocks (the payload)
 
-    def payload_bytes(self, precision: str = "fp32") -> int:
-        n_tensors = sum(len(w) for w in self.weights)
+    def weights(self, model: Recommender) -> list[dict[str, torch.Tensor]]:
+        """Named weights per kept block (views into the flat vectors)."""
+        return [model.backbone.blocks[k].unflatten(v.unsqueeze(0), batched=False) for k, v in zip(self.blocks, self.flat)]
+
+    def payload_bytes(self, model: Recommender, precision: str = "fp32") -> int:
+        n_tensors = sum(len(model.backbone.blocks[k].shapes) for k in self.blocks)
         return cost.payload_bytes(self.shipped_params, n_tensors, precision)
 
 
-def select_blocks(model: Recommender, gate: Sequence[float], margin: Sequence[float], budget: Budget) -> list[int]:
+def select_blocks(model: Recommender, gate: np.ndarray, margin: np.ndarray, max_flops: np.ndarray,
+                  max_params: np.ndarray) -> np.ndarray:
+    """Keep mask [N,L]: the gated blocks, most wanted first, as many as fit both budgets."""
     bb = model.backbone
-    kept = [l for l in range(bb.n_blocks) if gate[l] >= 0.5]
-    kept.sort(key=lambda l: -margin[l])
-    while kept and (cost.inference_flops(bb, kept) > budget.max_flops
-                    or cost.model_params(bb, kept) > budget.max_params):
-        kept.pop()
-    return sorted(kept)
+    L = bb.n_blocks
+    f = np.array([cost.block_flops(b, bb.maxlen) for b in bb.blocks], dtype=np.float64)
+    p = np.array([b.n_params() for b in bb.blocks], dtype=np.float64)
+    base_f, base_p = cost.inference_flops(bb, []), cost.base_params(bb)
+    on = gate >= 0.5
+    order = np.argsort(np.where(on, -margin, np.inf), axis=1, kind="stable")  # wanted first
+    on_sorted = np.take_along_axis(on, order, 1)
+    cum_f = base_f + np.cumsum(f[order] * on_sorted, axis=1)
+    cum_p = base_p + np.cumsum(p[order] * on_sorted, axis=1)
+    ok = on_sorted & (cum_f <= max_flops[:, None]) & (cum_p <= max_params[:, None])
+    n_keep = np.where(ok.all(axis=1), L, np.argmin(ok, axis=1))  # longest fitting prefix
+    keep_sorted = np.arange(L)[None, :] < n_keep[:, None]
+    keep = np.zeros_like(on)
+    np.put_along_axis(keep, order, keep_sorted, 1)
+    return keep
 
 
 @torch.no_grad()
@@ -59,33 +77,37 @@ def assemble(model: Recommender, beta: Optional[torch.Tensor], gate: torch.Tenso
     bb = model.backbone
     n = gate.shape[0]
     margin = (beta[..., 0] - beta[..., 1]) if beta is not None else gate
-    chosen = [select_blocks(model, gate[i].tolist(), margin[i].tolist(), budgets[i]) for i in range(n)]
-    weights: list[list[dict]] = [[] for _ in range(n)]
+    max_f = np.array([b.max_flops for b in budgets], dtype=np.float64)
+    max_p = np.array([b.max_params for b in budgets], dtype=np.float64)
+    keep = select_blocks(model, gate.numpy(), margin.numpy(), max_f, max_p)
+    flat: list[list[torch.Tensor]] = [[] for _ in range(n)]
     for k in range(bb.n_blocks):
-        rows = [i for i in range(n) if k in chosen[i]]
-        if not rows:
+        rows = np.flatnonzero(keep[:, k])
+        if not len(rows):
             continue
         if model.mapper is not None:
-            gen = model.mapper.block_params(bb.blocks[k], k, h[rows])
-            for j, i in enumerate(rows):
-                weights[i].append({name: t[j] for name, t in gen.items()})
+            out = model.mapper.block_flat(bb.blocks[k], k, h[torch.from_numpy(rows)])
+            for j, i in enumerate(rows.tolist()):
+                flat[i].append(out[j])
         else:
-            shared = {name: t.detach() for name, t in bb.blocks[k].shared().items()}
-            for i in rows:
-                weights[i].append(shared)
-    out = []
-    for i in range(n):
-        flops, params = cost.inference_flops(bb, chosen[i]), cost.model_params(bb, chosen[i])
-        fits = flops <= budgets[i].max_flops and params <= budgets[i].max_params
-        out.append(SubModel(blocks=chosen[i], weights=weights[i], wanted=int((gate[i] >= 0.5).sum()), fits=fits,
-                            flops=flops, params=params, shipped_params=cost.block_params(bb, chosen[i])))
-    return out
+            shared = bb.blocks[k].flat_shared()
+            for i in rows.tolist():
+                flat[i].append(shared)
+    f = np.array([cost.block_flops(b, bb.maxlen) for b in bb.blocks])
+    p = np.array([b.n_params() for b in bb.blocks])
+    flops = cost.inference_flops(bb, []) + keep @ f
+    shipped = keep @ p
+    params = cost.base_params(bb) + shipped
+    wanted = (gate.numpy() >= 0.5).sum(1)
+    return [SubModel(blocks=np.flatnonzero(keep[i]).tolist(), flat=flat[i], wanted=int(wanted[i]),
+                     fits=bool(flops[i] <= max_f[i] and params[i] <= max_p[i]), flops=int(flops[i]),
+                     params=int(params[i]), shipped_params=int(shipped[i])) for i in range(n)]
 
 
 @torch.no_grad()
 def run_submodel(model: Recommender, sub: SubModel, seq: torch.Tensor) -> torch.Tensor:
     """The device's forward pass with its sub-model: only the kept blocks are computed."""
     params: list = [None] * model.backbone.n_blocks
-    for k, w in zip(sub.blocks, sub.weights):
+    for k, w in zip(sub.blocks, sub.weights(model)):
         params[k] = w
     return model.backbone(seq, params=params, blocks=sub.blocks)

@@ -63,12 +63,17 @@ class Block(nn.Module):
     def n_params(self) -> int:
         return sum(math.prod(s) for _, s in self.shapes)
 
-    def unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
-        """[B, n_params] -> per-sample parameter dict."""
+    def flat_shared(self) -> torch.Tensor:
+        """The shared weights as one vector, in `shapes` order."""
+        return torch.cat([getattr(self, name).detach().reshape(-1) for name, _ in self.shapes])
+
+    def unflatten(self, flat: torch.Tensor, batched: bool = True) -> dict[str, torch.Tensor]:
+        """[B, n_params] -> per-sample parameter dict (views); batched=False drops the batch dim."""
         out, pos = {}, 0
         for name, shape in self.shapes:
             n = math.prod(shape)
-            out[name] = flat[:, pos:pos + n].reshape(flat.shape[0], *shape)
+            t = flat[:, pos:pos + n].reshape(flat.shape[0], *shape)
+            out[name] = t if batched else t[0]
             pos += n
         return out
 

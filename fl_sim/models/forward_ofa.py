@@ -91,6 +91,28 @@ class Mapper(nn.Module):
     def head_params(self) -> int:
         return sum(p.numel() for p in self.heads.parameters())
 
+    @torch.no_grad()
+    def block_flat(self, block: Block, k: int, h: torch.Tensor) -> torch.Tensor:
+        """Serving: block k's full flat weight vector for each row of h, [B, n_params], in one
+        matrix product (the shared weights ride in the bias where every weight is generated)."""
+        head = self.heads[k]
+        base = block.flat_shared()
+        if len(self.names[k]) == len(block.shapes):
+            return torch.addmm(base + head.bias, h, head.weight.T)
+        out = base.repeat(h.shape[0], 1)
+        out[:, self._positions(block, k)] += head(h)
+        return out
+
+    def _positions(self, block: Block, k: int) -> torch.Tensor:
+        """Where the generated numbers sit in the block's flat vector."""
+        pos, idx = 0, []
+        for name, shape in block.shapes:
+            n = math.prod(shape)
+            if name in self.names[k]:
+                idx.append(torch.arange(pos, pos + n))
+            pos += n
+        return torch.cat(idx)
+
     def block_params(self, block: Block, k: int, h: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per-sample weights of block k for interests h [B,hidden]: shared weights + generated delta."""
         flat = self.heads[k](h)
