@@ -95,7 +95,7 @@ def main(cfg: DictConfig) -> None:
     metrics = train_and_evaluate(cfg)
     metrics["wall_s"] = time.perf_counter() - start
     out = output_dir()
-    (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     write_json(out / "metrics.json", metrics)
     print(json.dumps({k: metrics[k] for k in ("method", "ndcg10", "hit10", "flops_ratio_full", "kept_blocks_mean",
                                               "epochs", "train_s")}))

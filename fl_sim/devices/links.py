@@ -38,33 +38,34 @@ class TraceBank:
         self.b_end = within_b - base_b[self.trace_of]  # bytes through at that end
         self.period = self.t_end[self.start[1:] - 1]
         self.bytes_per_period = self.b_end[self.start[1:] - 1]
-        big = float(self.bytes_per_period.max()) * 4 + 1.0
-        self._key = self.b_end + self.trace_of * big  # monotone over the whole bank
-        self._tkey = self.t_end + self.trace_of * (float(self.period.max()) * 4 + 1.0)
-        self._big, self._tbig = big, float(self.period.max()) * 4 + 1.0
+        # keys monotone over the whole bank: trace j's values offset by j * big
+        self._big = float(self.bytes_per_period.max()) * 4 + 1.0
+        self._tbig = float(self.period.max()) * 4 + 1.0
+        self._key = self.b_end + self.trace_of * self._big
+        self._tkey = self.t_end + self.trace_of * self._tbig
+
+    def _segment(self, key: np.ndarray, big: float, trace: np.ndarray, value: np.ndarray):
+        """The sample of `trace` in which `value` (a time or a byte count) falls, and the time
+        and bytes at that sample's start."""
+        k = np.minimum(np.searchsorted(key, value + trace * big, side="right"), self.start[trace + 1] - 1)
+        inside = k > self.start[trace]
+        return k, np.where(inside, self.t_end[k - 1], 0.0), np.where(inside, self.b_end[k - 1], 0.0)
 
     def bytes_until(self, trace: np.ndarray, t: np.ndarray) -> np.ndarray:
         """Bytes a transfer started at time 0 of the trace has moved by time t (cyclic)."""
         cycles, rem = np.divmod(t, self.period[trace])
-        k = np.searchsorted(self._tkey, rem + trace * self._tbig, side="right")
-        k = np.minimum(k, self.start[trace + 1] - 1)
-        t_prev = np.where(k > self.start[trace], self.t_end[k - 1], 0.0)
-        b_prev = np.where(k > self.start[trace], self.b_end[k - 1], 0.0)
+        k, t_prev, b_prev = self._segment(self._tkey, self._tbig, trace, rem)
         return cycles * self.bytes_per_period[trace] + b_prev + (rem - t_prev) * self.bps[k]
 
     def time_until(self, trace: np.ndarray, b: np.ndarray) -> np.ndarray:
         """Inverse of bytes_until: the time at which b bytes have moved."""
         cycles, rem = np.divmod(b, self.bytes_per_period[trace])
-        k = np.searchsorted(self._key, rem + trace * self._big, side="right")
-        k = np.minimum(k, self.start[trace + 1] - 1)
-        t_prev = np.where(k > self.start[trace], self.t_end[k - 1], 0.0)
-        b_prev = np.where(k > self.start[trace], self.b_end[k - 1], 0.0)
+        k, t_prev, b_prev = self._segment(self._key, self._big, trace, rem)
         return cycles * self.period[trace] + t_prev + (rem - b_prev) / self.bps[k]
 
     def rate_at(self, trace: np.ndarray, t: np.ndarray) -> np.ndarray:
-        rem = np.mod(t, self.period[trace])
-        k = np.searchsorted(self._tkey, rem + trace * self._tbig, side="right")
-        return self.bps[np.minimum(k, self.start[trace + 1] - 1)]
+        k, _, _ = self._segment(self._tkey, self._tbig, trace, np.mod(t, self.period[trace]))
+        return self.bps[k]
 
 
 def bank_from_arrays(traces: list[tuple[np.ndarray, np.ndarray]], names: list[str]) -> TraceBank:
