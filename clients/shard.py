@@ -1,0 +1,346 @@
+"""A shard of simulated phones: replays their streams window by window, scores every event
+with the model each device holds at that moment, lets the trigger decide who asks the cloud
+for a new model, and installs the sub-models the cloud sends back when their download ends.
+
+Everything a device does here uses only what that device has: its own items, its model, its
+resources (fl_sim.devices). What goes to the cloud is (beta, h) and the budget.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from hydra.utils import instantiate
+
+from clients.triggers import DeviceView
+from fl_sim import runfiles
+from fl_sim.devices import build_fleet
+from fl_sim.devices.budget import budgets
+from fl_sim.models import cost
+from fl_sim.models.forward_ofa import argmax_gate
+from fl_sim.training import left_pad
+
+FLOAT_BYTES = 4
+
+
+class Shard:
+    def __init__(self, run_dir: str | Path, shard: int, n_shards: int):
+        self.run_dir = str(run_dir)
+        cfg = self.cfg = runfiles.load_config(self.run_dir)
+        self.s = runfiles.load_streams(self.run_dir)
+        self.model = runfiles.load_model(self.run_dir)
+        bb = self.model.backbone
+        self.L, self.T, self.W = bb.n_blocks, bb.maxlen, self.model.spec.window
+        self.devices = np.arange(shard, self.s.n_devices, n_shards)
+        n = len(self.devices)
+        self.fleet = build_fleet(cfg.devices, self.s.n_devices, cfg.seed)
+        self.trigger = instantiate(cfg.trigger)
+        self.trigger.reset(n, cfg.seed)
+        self.ids = self.s.item.astype(np.int64) + 1  # model ids
+        self.emb = bb.item_emb.weight.detach().numpy()
+        self.shared = self.model.mapper is None
+        # One model for everyone (device_rec): asking again would bring the same model.
+        self.static = self.shared and self.model.spec.structure == "all"
+        self.block_flops = np.array([cost.block_flops(b, self.T) for b in bb.blocks], dtype=np.float64)
+        self.block_params = np.array([b.n_params() for b in bb.blocks], dtype=np.float64)
+        # What each device holds: kept blocks, their weights ({block: flat} or None = shared).
+        self.blocks = np.zeros((n, self.L), dtype=bool)
+        self.weights: list = [None] * n
+        self.has_model = np.zeros(n, dtype=bool)
+        self.arrived = np.zeros(n)
+        self.pending_at = np.full(n, np.inf)
+        self.pending: list = [None] * n
+        self.outstanding = np.zeros(n, dtype=bool)
+        self.pos = self.s.split[self.devices].copy()  # next stream event
+        self.end = self.s.indptr[self.devices + 1]
+        # Trigger inputs.
+        self.events_since = np.zeros(n)
+        self.sessions_since = np.zeros(n)
+        self.interest = np.zeros((n, self.emb.shape[1]))
+        self.interest_at_request = np.zeros_like(self.interest)
+        self.entropy = np.zeros(n)
+        self.hit_rate = np.zeros(n)
+        self.last_session = np.full(n, -1)
+        # Per-device accounting.
+        self.acc = {k: np.zeros(n) for k in ("events", "scored", "no_context", "ndcg", "hit", "flops", "params",
+                                             "requests", "bytes_up", "bytes_down", "offline_deferred",
+                                             "no_model", "download_retries", "budget_violations", "over_budget_events", "request_flops")}
+        self.ema = float(cfg.sim.ema)
+        self.sent_budget = np.full((n, 2), np.inf)  # (FLOPs, params) of each device's last request
+
+    # ---- bootstrap: the first model of every device ------------------------------------
+    def bootstrap(self, t0: float) -> dict:
+        """Interest from each device's history; every device requests its first model at t0
+        (methods with shared weights install the shared model instead)."""
+        n = len(self.devices)
+        for j, g in enumerate(self.devices):
+            recent = self.ids[max(self.s.indptr[g], self.s.split[g] - self.W):self.s.split[g]]
+            if len(recent):
+                self.interest[j] = self.emb[recent].mean(0)
+        self.interest_at_request[:] = self.interest
+        if self.static:
+            self.blocks[:] = True
+            self.has_model[:] = True
+            self.acc["bytes_down"] += self._model_bytes(self.blocks)
+            return self._no_requests()
+        return self._requests(np.arange(n), np.full(n, t0), ends=self.s.split[self.devices], bootstrap=True)
+
+    # ---- one round ---------------------------------------------------------------------
+    def step(self, t0: float, t1: float, deliveries: dict) -> tuple[dict, dict]:
+        self._receive(deliveries)
+        lo = self.pos.copy()
+        hi = self._events_before(t1)
+        self.pos = hi
+        count = hi - lo
+        self.acc["events"] += count
+        active = np.flatnonzero(count > 0)
+        if len(active) == 0:
+            return self._no_requests(), self._round_metrics(count, np.zeros(0), np.zeros(0))
+        ndcg, hit, ent, ctx = self._score(active, lo, hi)
+        req_j, req_t, req_end = self._trigger_loop(active, lo, hi, ndcg, hit, ent, ctx)
+        requests = self._requests(req_j, req_t, req_end) if len(req_j) else self._no_requests()
+        return requests, self._round_metrics(count, ndcg[ctx], hit[ctx])
+
+    def _events_before(self, t: float) -> np.ndarray:
+        hi = self.pos.copy()
+        for j in np.flatnonzero(self.pos < self.end):
+            seg = self.s.ts[self.pos[j]:self.end[j]]
+            hi[j] = self.pos[j] + np.searchsorted(seg, t, side="left")
+        return hi
+
+    def _receive(self, d: dict) -> None:
+        """Sub-models from the cloud: each starts downloading at its answer time."""
+        if len(d["device"]) == 0:
+            return
+        local = np.searchsorted(self.devices, d["device"])
+        t_answer = d["answer_time"]
+        g = d["device"]
+        online = self.fleet.online(g, t_answer) | d["bootstrap"]
+        start = t_answer.copy()
+        for i in np.flatnonzero(~online):  # offline: retry at the start of the next online slot
+            slot = self.fleet.slot_s
+            t = (math.floor(t_answer[i] / slot) + 1) * slot
+            while not self.fleet.online(np.array([g[i]]), t)[0]:
+                t += slot
+            start[i] = t
+            self.acc["download_retries"][local[i]] += 1
+        arrive = start + self.fleet.transfer_time(g, start, d["payload_bytes"], uplink=False)
+        arrive = np.where(d["bootstrap"], t_answer, arrive)  # installed before deployment starts
+        flats: list[dict] = [dict() for _ in range(len(g))]
+        for k in range(self.L):
+            if f"rows_{k}" in d:
+                for r, row in zip(d[f"rows_{k}"], torch.from_numpy(d[f"flat_{k}"])):
+                    flats[r][k] = row
+        bb = self.model.backbone
+        flops = cost.inference_flops(bb, []) + d["blocks"] @ self.block_flops
+        params = cost.base_params(bb) + d["blocks"] @ self.block_params
+        over = (flops > self.sent_budget[local, 0]) | (params > self.sent_budget[local, 1])
+        self.acc["budget_violations"][local] += over  # checked by the device, against what it asked
+        for i, j in enumerate(local):
+            self.pending_at[j] = arrive[i]
+            self.pending[j] = (d["blocks"][i].copy(), flats[i])
+            self.acc["bytes_down"][j] += d["payload_bytes"][i]
+            self.outstanding[j] = False
+            if d["bootstrap"][i]:
+                self._install(j)
+
+    def _install(self, j: int) -> None:
+        blocks, flats = self.pending[j]
+        self.blocks[j], self.weights[j] = blocks, flats
+        self.arrived[j] = self.pending_at[j]
+        self.has_model[j] = True
+        self.pending_at[j], self.pending[j] = np.inf, None
+
+    # ---- prequential scoring -----------------------------------------------------------
+    def _score(self, active, lo, hi):
+        """Rank every event's item with the model held at that moment (one causal pass per
+        device and model version). Returns per-event arrays over the window's events in
+        (device, time) order and a mask of events that could be scored."""
+        n_ev = int((hi - lo)[active].sum())
+        offset = np.concatenate([[0], np.cumsum((hi - lo)[active])])
+        chunk = max(1, self.T // 2)
+        jobs = []  # (j, blocks, weights, first event, end event, output position)
+        self._no_model = np.zeros(n_ev, dtype=bool)
+
+        def add(j, s0, s1, out):
+            if s1 <= s0:
+                return
+            if not self.has_model[j]:
+                self._no_model[out:out + s1 - s0] = True
+                return
+            for c0 in range(s0, s1, chunk):
+                jobs.append((j, self.blocks[j].copy(), self.weights[j], c0, min(s1, c0 + chunk), out + c0 - s0))
+
+        for a, j in enumerate(active):
+            split_at = lo[j]
+            if self.pending_at[j] < np.inf:
+                ts = self.s.ts[lo[j]:hi[j]]
+                split_at = lo[j] + int(np.searchsorted(ts, self.pending_at[j], side="left"))
+                if split_at < hi[j]:  # the download ends before the window's last event
+                    add(j, lo[j], split_at, offset[a])
+                    self._install(j)
+                else:
+                    split_at = lo[j]
+            add(j, split_at, hi[j], offset[a] + split_at - lo[j])
+        ndcg, hit, ent = np.zeros(n_ev), np.zeros(n_ev), np.zeros(n_ev)
+        ctx = np.zeros(n_ev, dtype=bool)
+        flops_used, params_used = np.zeros(n_ev), np.zeros(n_ev)
+        batch = int(self.cfg.sim.batch)
+        for b0 in range(0, len(jobs), batch):
+            self._score_batch(jobs[b0:b0 + batch], ndcg, hit, ent, ctx, flops_used, params_used)
+        self._flops_used, self._params_used = flops_used, params_used
+        return ndcg, hit, ent, ctx
+
+    @torch.no_grad()
+    def _score_batch(self, jobs, ndcg, hit, ent, ctx, flops_used, params_used):
+        bb = self.model.backbone
+        seqs, targets, where = [], [], []
+        for b, (j, blocks, weights, e0, e1, out) in enumerate(jobs):
+            g = self.devices[j]
+            first = max(self.s.indptr[g], e1 - 1 - self.T)
+            seqs.append(self.ids[first:e1 - 1])
+            for e in range(e0, e1):
+                if e - 1 < first:  # nothing before it: cannot be scored
+                    continue
+                targets.append((b, e - 1 - first, int(self.s.item[e]), out + e - e0))
+        if not targets:
+            return
+        seq = left_pad(seqs, self.T)
+        T_eff = seq.shape[1]
+        pad = [T_eff - len(s) for s in seqs]
+        blocks = np.stack([jb[1] for jb in jobs])
+        gate = torch.from_numpy(blocks.astype(np.float32))
+        params = None
+        if not self.shared:
+            params = []
+            for k, block in enumerate(bb.blocks):
+                rows = [jb[2].get(k) if jb[2] is not None else None for jb in jobs]
+                if all(r is None for r in rows):
+                    params.append(None)
+                    continue
+                zero = torch.zeros(block.n_params())
+                params.append(block.unflatten(torch.stack([r if r is not None else zero for r in rows])))
+        gate_arg = None if blocks.all() and self.shared else gate
+        hidden = bb(seq, gate=gate_arg, params=params)
+        b_idx = torch.tensor([t[0] for t in targets])
+        p_idx = torch.tensor([t[1] + pad[t[0]] for t in targets])
+        scores = bb.scores(hidden[b_idx, p_idx])
+        tgt = torch.tensor([t[2] for t in targets])
+        out = np.array([t[3] for t in targets])
+        rank = (scores > scores[torch.arange(len(tgt)), tgt].unsqueeze(1)).sum(1).numpy()
+        logp = torch.log_softmax(scores, dim=1)
+        ent[out] = -(logp.exp() * logp).sum(1).numpy()
+        ndcg[out] = np.where(rank < 10, 1.0 / np.log2(rank + 2.0), 0.0)
+        hit[out] = rank < 10
+        ctx[out] = True
+        kept = blocks[np.array([t[0] for t in targets])]
+        flops_used[out] = cost.inference_flops(bb, []) + kept @ self.block_flops
+        params_used[out] = cost.base_params(bb) + kept @ self.block_params
+
+    # ---- triggers ----------------------------------------------------------------------
+    def _trigger_loop(self, active, lo, hi, ndcg, hit, ent, ctx):
+        offset = np.concatenate([[0], np.cumsum((hi - lo)[active])])
+        req_j, req_t, req_end = [], [], []
+        ema = self.ema
+        lat, mem = float(self.cfg.devices.latency_s), float(self.cfg.devices.memory_share)
+        for k in range(int((hi - lo)[active].max())):
+            sel = (hi - lo)[active] > k
+            js, out = active[sel], offset[:-1][sel] + k
+            e = lo[js] + k
+            g = self.devices[js]
+            t = self.s.ts[e]
+            scored = ctx[out]
+            acc = self.acc
+            acc["ndcg"][js] += ndcg[out]
+            acc["hit"][js] += hit[out]
+            acc["scored"][js] += scored
+            acc["no_model"][js] += self._no_model[out]
+            acc["no_context"][js] += ~scored & ~self._no_model[out]
+            acc["flops"][js] += np.where(scored, self._flops_used[out], 0)
+            acc["params"][js] += np.where(scored, self._params_used[out], 0)
+            new_session = self.s.session[e] != self.last_session[js]
+            self.last_session[js] = self.s.session[e]
+            self.events_since[js] += 1
+            self.sessions_since[js] += new_session
+            self.interest[js] = (1 - ema) * self.interest[js] + ema * self.emb[self.ids[e]]
+            self.entropy[js] = np.where(scored, (1 - ema) * self.entropy[js] + ema * ent[out], self.entropy[js])
+            self.hit_rate[js] = np.where(scored, (1 - ema) * self.hit_rate[js] + ema * hit[out], self.hit_rate[js])
+            max_f, max_p = budgets(self.fleet, g, t, lat, mem)
+            acc["over_budget_events"][js] += scored & (self._flops_used[out] > max_f)
+            view = DeviceView(now=t, events_since_request=self.events_since[js],
+                              sessions_since_request=self.sessions_since[js], new_session=new_session,
+                              interest=self.interest[js], interest_at_request=self.interest_at_request[js],
+                              entropy=self.entropy[js], hit_rate=self.hit_rate[js],
+                              bytes_spent=acc["bytes_up"][js] + acc["bytes_down"][js],
+                              link_bps=self.fleet.down_bps(g, t), max_flops=max_f, max_params=max_p,
+                              model_age_s=t - self.arrived[js], days=t / 86_400.0)
+            want = np.asarray(self.trigger.decide(view), dtype=bool) & ~self.outstanding[js]
+            if self.static:
+                want[:] = False
+            online = self.fleet.online(g, t)
+            acc["offline_deferred"][js] += want & ~online
+            send = want & online
+            self.trigger.requested(send, view)
+            if send.any():
+                sj = js[send]
+                self.outstanding[sj] = True
+                self.events_since[sj] = 0
+                self.sessions_since[sj] = 0
+                self.interest_at_request[sj] = self.interest[sj]
+                req_j.append(sj)
+                req_t.append(t[send])
+                req_end.append(e[send] + 1)
+        if not req_j:
+            return np.zeros(0, dtype=int), np.zeros(0), np.zeros(0, dtype=int)
+        return np.concatenate(req_j), np.concatenate(req_t), np.concatenate(req_end)
+
+    # ---- requests ----------------------------------------------------------------------
+    @torch.no_grad()
+    def _requests(self, js: np.ndarray, t: np.ndarray, ends: np.ndarray, bootstrap: bool = False) -> dict:
+        g = self.devices[js]
+        recent = [self.ids[max(self.s.indptr[gi], e - self.W):e] for gi, e in zip(g, ends)]
+        beta, gate, h = self.model.encode(left_pad(recent, self.W), torch.Generator().manual_seed(int(self.cfg.seed)))
+        H = self._h_dim()
+        beta_np = beta.numpy() if beta is not None else np.stack([gate.numpy(), 1 - gate.numpy()], -1)
+        h_np = h.numpy() if h is not None else np.zeros((len(js), 0), dtype=np.float32)
+        max_f, max_p = budgets(self.fleet, g, t, float(self.cfg.devices.latency_s), float(self.cfg.devices.memory_share))
+        up_bytes = (beta_np[0].size + h_np.shape[1] + 2) * FLOAT_BYTES
+        upload = np.zeros(len(js)) if bootstrap else self.fleet.transfer_time(g, t, up_bytes, uplink=True)
+        self.acc["bytes_up"][js] += up_bytes
+        self.acc["requests"][js] += 0 if bootstrap else 1
+        self.acc["request_flops"][js] += self._encode_flops(H)
+        self.outstanding[js] = True
+        self.sent_budget[js, 0], self.sent_budget[js, 1] = max_f, max_p
+        return {"device": g.astype(np.int64), "ready_time": t + upload, "beta": beta_np.astype(np.float32),
+                "h": h_np.astype(np.float32), "max_flops": max_f, "max_params": max_p,
+                "bootstrap": np.full(len(js), bootstrap)}
+
+    def _h_dim(self) -> int:
+        return self.model.extractor.gru.hidden_size if self.model.extractor is not None else 0
+
+    def _encode_flops(self, hidden: int) -> float:
+        d = self.model.backbone.d
+        flops = cost.gru_flops(d, self.model.controller.gru.hidden_size, self.W) if self.model.controller else 0
+        return flops + (cost.gru_flops(d, hidden, self.W) if hidden else 0)
+
+    def _no_requests(self) -> dict:
+        return {"device": np.zeros(0, dtype=np.int64), "ready_time": np.zeros(0),
+                "beta": np.zeros((0, self.L, 2), np.float32), "h": np.zeros((0, self._h_dim()), np.float32),
+                "max_flops": np.zeros(0), "max_params": np.zeros(0), "bootstrap": np.zeros(0, bool)}
+
+    def _model_bytes(self, blocks: np.ndarray) -> np.ndarray:
+        bb = self.model.backbone
+        return (cost.base_params(bb) + blocks @ self.block_params) * FLOAT_BYTES
+
+    def _round_metrics(self, count, ndcg, hit) -> dict:
+        return {"events": float(count.sum()), "scored": float(len(ndcg)), "ndcg_sum": float(ndcg.sum()),
+                "hit_sum": float(hit.sum())}
+
+    def device_table(self) -> dict:
+        """Per-device totals, for the run's tables (sent with the last round's reply)."""
+        out = {"device": self.devices.astype(np.int64)}
+        out.update({k: v.copy() for k, v in self.acc.items()})
+        return out

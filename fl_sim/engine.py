@@ -1,0 +1,89 @@
+"""The round loop shared by every backend: windows of simulated time, shards, the cloud.
+
+`Backend.call(round, shard, window, deliveries)` runs one shard's round wherever the backend
+runs it (in this process, or through Flower on Ray) and returns its requests and metrics.
+The loop itself, the routing of deliveries to shards and the cloud's answer are the same for
+every backend, so a seed gives the same results whichever runs it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from fl_sim import protocol
+
+
+@dataclass
+class Schedule:
+    t0: float
+    round_s: float
+    rounds: int
+
+    def window(self, r: int) -> tuple[float, float]:
+        return self.t0 + r * self.round_s, self.t0 + (r + 1) * self.round_s
+
+
+def schedule(ts_stream: np.ndarray, round_s: float) -> Schedule:
+    t0 = float(ts_stream.min())
+    rounds = max(1, math.ceil((float(ts_stream.max()) - t0 + 1e-6) / round_s))
+    return Schedule(t0=t0, round_s=round_s, rounds=rounds)
+
+
+def route(deliveries: dict, n_shards: int, n_blocks: int) -> list[dict]:
+    """Split the cloud's deliveries by owning shard (device d lives on shard d % n_shards)."""
+    owner = deliveries["device"] % n_shards
+    return [protocol.select(deliveries, owner == s, n_blocks) for s in range(n_shards)]
+
+
+class Recorder:
+    """The cloud's side of the loop: windows, deliveries per shard, the round's batch, results.
+
+    `cloud` is anything with `answer(requests, batch_time) -> deliveries` and `counts`.
+    """
+
+    def __init__(self, cloud, sched: Schedule, n_shards: int, n_blocks: int):
+        self.cloud, self.sched, self.n_shards, self.n_blocks = cloud, sched, n_shards, n_blocks
+        self.pending = protocol.empty_deliveries(n_blocks)
+        self.rounds: list[dict] = []
+        self.tables: dict[int, dict] = {}
+        self.shard_of_node: dict[int, int] = {}
+        self.failed_shards = 0
+        self.progress = None
+
+    def window(self, r: int) -> tuple[str, float, float, bool]:
+        """Round 0 bootstraps at t0; round r >= 1 replays window r-1."""
+        if r == 0:
+            return "bootstrap", self.sched.t0, self.sched.t0, self.sched.rounds == 0
+        t0, t1 = self.sched.window(r - 1)
+        return "window", t0, t1, r == self.sched.rounds
+
+    def deliveries_for_shards(self) -> list[dict]:
+        return route(self.pending, self.n_shards, self.n_blocks)
+
+    def collect(self, r: int, parts: list[tuple]) -> None:
+        """parts: (shard, requests, metrics, device table or None) from each shard."""
+        parts = sorted(parts, key=lambda p: p[0])
+        requests = protocol.concat([p[1] for p in parts]) if parts else {"device": np.zeros(0, np.int64)}
+        order = np.argsort(requests["device"], kind="stable")  # the batch does not depend on sharding
+        requests = {k: v[order] for k, v in requests.items()}
+        kind, t0, t1, _ = self.window(r)
+        self.pending = self.cloud.answer(requests, t1)
+        row = {"round": r, "kind": kind, "t0": t0, "t1": t1, "requests": int((~requests["bootstrap"]).sum())
+               if len(requests["device"]) else 0, "delivered": int(len(self.pending["device"]))}
+        for key in ("events", "scored", "ndcg_sum", "hit_sum"):
+            row[key] = float(sum(p[2].get(key, 0.0) for p in parts))
+        self.rounds.append(row)
+        for shard, _, _, table in parts:
+            if table is not None:
+                self.tables[shard] = table
+        if self.progress:
+            self.progress(row)
+
+    def device_table(self) -> dict[str, np.ndarray]:
+        tables = [self.tables[s] for s in sorted(self.tables)]
+        merged = protocol.concat(tables)
+        order = np.argsort(merged["device"])
+        return {k: v[order] for k, v in merged.items()}

@@ -1,0 +1,56 @@
+"""The cloud's model before deployment: trained centrally on the history it holds (never on
+the devices' real-time streams), cached by a hash of everything that affects it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from fl_sim.data import DeviceStreams, Interactions
+from fl_sim.models import checkpoint
+from fl_sim.models.factory import build_model
+from fl_sim.models.recommender import Recommender
+from fl_sim.training import OfflineData, fit
+
+
+def history_only(streams: DeviceStreams) -> Interactions:
+    inter = streams.inter
+    keep = ~streams.stream_mask
+    return Interactions(user=inter.user[keep], item=inter.item[keep], ts=inter.ts[keep],
+                        has_timestamps=inter.has_timestamps, user_ids=inter.user_ids, item_ids=inter.item_ids)
+
+
+def fingerprint(cfg: DictConfig, n_items: int) -> dict:
+    fp = checkpoint.fingerprint(cfg, n_items)
+    fp["num_clients"] = cfg.num_clients
+    fp["pretrain"] = OmegaConf.to_container(cfg.sim.pretrain, resolve=True)
+    return fp
+
+
+def pretrained(cfg: DictConfig, streams: DeviceStreams, progress=None) -> tuple[Recommender, dict, bool]:
+    """The trained model, its fingerprint, and whether it came from the cache."""
+    n_items = streams.inter.n_items
+    fp = fingerprint(cfg, n_items)
+    path = Path(cfg.cache_dir).expanduser() / "pretrained" / f"{checkpoint.digest(fp)}.pt"
+    model = build_model(cfg.model, cfg.method, n_items)
+    if path.exists():
+        try:
+            checkpoint.load(path, model, fp)
+            return model.eval(), fp, True
+        except checkpoint.CheckpointError:
+            pass  # stale or damaged: train again
+    data = OfflineData(history_only(streams))
+    if len(data) == 0:
+        raise checkpoint.CheckpointError("no device has 3 or more history events to pre-train on")
+    p = cfg.sim.pretrain
+    fit(model, data, lr=cfg.train.lr, batch=cfg.train.batch, max_epochs=p.max_epochs, patience=p.patience,
+        max_minutes=p.max_minutes, seed=cfg.seed, ce_positions=cfg.train.ce_positions, progress=progress)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    checkpoint.save(path, model, fp)
+    return model.eval(), fp, False
+
+
+def stream_times(streams: DeviceStreams) -> np.ndarray:
+    return streams.inter.ts[streams.stream_mask]

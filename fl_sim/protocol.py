@@ -1,0 +1,52 @@
+"""What crosses between a device shard and the cloud each round, as plain named numpy arrays.
+
+Cloud -> shard ("window" + "deliveries"): the round's window of simulated time and the
+sub-models answering the shard's earlier requests:
+  device [m] global ids, answer_time [m] s, blocks [m, L] bool, payload_bytes [m],
+  bootstrap [m] (the first model, installed before deployment starts),
+  and per block k: rows_k [m_k] (indices into the m deliveries), flat_k [m_k, P_k] weights.
+Shard -> cloud ("requests" + "metrics"): only (beta, h) and the budget, never item ids:
+  device [r], ready_time [r] (request time + upload), beta [r, L, 2], h [r, H],
+  max_flops [r], max_params [r], bootstrap [r].
+The Flower apps wrap these dicts in ArrayRecords; the in-process backend passes them as is.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def empty_deliveries(n_blocks: int) -> dict[str, np.ndarray]:
+    return {"device": np.zeros(0, dtype=np.int64), "answer_time": np.zeros(0), "blocks": np.zeros((0, n_blocks), bool),
+            "payload_bytes": np.zeros(0, dtype=np.int64), "bootstrap": np.zeros(0, bool)}
+
+
+def select(deliveries: dict[str, np.ndarray], mask: np.ndarray, n_blocks: int) -> dict[str, np.ndarray]:
+    """The deliveries where mask is True (e.g. one shard's devices), re-indexing block rows."""
+    keep = np.flatnonzero(mask)
+    new_index = np.full(len(mask), -1)
+    new_index[keep] = np.arange(len(keep))
+    out = {k: deliveries[k][keep] for k in ("device", "answer_time", "blocks", "payload_bytes", "bootstrap")}
+    for k in range(n_blocks):
+        if f"rows_{k}" in deliveries:
+            rows = deliveries[f"rows_{k}"]
+            sel = mask[rows]
+            out[f"rows_{k}"] = new_index[rows[sel]]
+            out[f"flat_{k}"] = deliveries[f"flat_{k}"][sel]
+    return out
+
+
+def concat(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Requests from several shards as one batch (same keys in each part)."""
+    keys = parts[0].keys()
+    return {k: np.concatenate([p[k] for p in parts]) for k in keys}
+
+
+def to_record(arrays: dict[str, np.ndarray]):
+    from flwr.app import Array, ArrayRecord
+
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+
+
+def from_record(record) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in record.items()}

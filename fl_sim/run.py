@@ -1,0 +1,196 @@
+"""`python -m fl_sim.run num_clients=5000 ...`: simulate the fleet, write results.
+
+Compose the config, load the data and cut each device's stream, pre-train the cloud on the
+history (cached), then replay the streams round by round through the devices (clients/) and
+the cloud (strategies/), on Flower's simulation engine over Ray or in this process.
+Writes summary.json, rounds.parquet, devices.parquet and plots into output_dir.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import time
+import uuid
+from pathlib import Path
+
+import hydra
+import numpy as np
+import pandas as pd
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from fl_sim import runfiles
+from fl_sim.cli import CONF_DIR, friendly_errors, output_dir, write_json
+from fl_sim.data import build_streams, load_dataset, select_devices
+from fl_sim.devices import build_fleet
+from fl_sim.engine import Recorder, schedule
+from fl_sim.errors import ConfigError
+from fl_sim.pretrain import pretrained, stream_times
+
+
+def run_inprocess(run_dir: str, rec: Recorder, n_shards: int) -> None:
+    from clients.app import run_shard_round
+    from clients.shard import Shard
+
+    shards = [Shard(run_dir, s, n_shards) for s in range(n_shards)]
+    for r in range(rec.sched.rounds + 1):
+        kind, t0, t1, last = rec.window(r)
+        per_shard = rec.deliveries_for_shards()
+        rec.collect(r, [(s, *run_shard_round(shards[s], kind, t0, t1, per_shard[s], last)) for s in range(n_shards)])
+
+
+def run_ray(run_dir: str, rec: Recorder, n_shards: int, cfg: DictConfig) -> None:
+    import logging
+
+    import ray
+    from flwr.simulation import run_simulation
+
+    from clients.app import ShardActor, make_client_app, shard_actor_name
+    from strategies.app import make_server_app
+
+    address = cfg.sim.ray.address
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False, logging_level=logging.ERROR,
+                 runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join([str(Path(CONF_DIR).parent)])}})
+    tag = uuid.uuid4().hex[:8]
+    actor = ray.remote(num_cpus=0)(ShardActor)
+    threads = max(1, int(ray.cluster_resources().get("CPU", 1)) // n_shards)
+    handles = [actor.options(name=shard_actor_name(tag, s)).remote(run_dir, s, n_shards, threads)
+               for s in range(n_shards)]
+    ray.get([h.__ray_ready__.remote() for h in handles])
+    try:
+        run_simulation(server_app=make_server_app(rec, rec.sched), client_app=make_client_app(tag),
+                       num_supernodes=n_shards,
+                       backend_config={"client_resources": {"num_cpus": 0.5, "num_gpus": 0.0}})
+    finally:
+        if ray.is_initialized():  # run_simulation may already have shut Ray down
+            for h in handles:
+                ray.kill(h)
+            if address is None:
+                ray.shutdown()
+
+
+def simulate(cfg: DictConfig) -> dict:
+    start = time.perf_counter()
+    if cfg.sim.backend not in ("ray", "inprocess"):
+        raise ConfigError(f"sim.backend must be ray or inprocess, got {cfg.sim.backend!r}")
+    if float(cfg.sim.round_s) <= 0:
+        raise ConfigError(f"sim.round_s must be > 0, got {cfg.sim.round_s}")
+    out = output_dir()
+    inter, _ = load_dataset(cfg.dataset, num_clients=cfg.num_clients, seed=cfg.seed, cache_dir=cfg.cache_dir)
+    inter = select_devices(inter, cfg.num_clients, cfg.seed)
+    streams = build_streams(inter, cfg.streams, cfg.seed)
+    bar = tqdm(desc="pre-train", unit="epoch", mininterval=0.5)
+    model, fp, cached = pretrained(cfg, streams, progress=lambda row: bar.update(1))
+    bar.close()
+    run_dir = out / ".sim"
+    runfiles.write(run_dir, cfg, streams, model, fp)
+    sched = schedule(stream_times(streams), float(cfg.sim.round_s))
+    if cfg.sim.max_rounds:
+        sched.rounds = min(sched.rounds, int(cfg.sim.max_rounds))
+    n_shards = int(cfg.sim.nodes or os.cpu_count() or 1)
+    n_shards = max(1, min(n_shards, inter.n_users))
+
+    from strategies.cloud import Cloud
+
+    cloud = Cloud(str(run_dir))
+    rec = Recorder(cloud, sched, n_shards, model.backbone.n_blocks)
+    bar = tqdm(total=sched.rounds + 1, desc="rounds", unit="round", mininterval=0.5)
+    totals = {"ndcg": 0.0, "scored": 0.0, "requests": 0}
+
+    def progress(row: dict) -> None:
+        totals["ndcg"] += row["ndcg_sum"]
+        totals["scored"] += row["scored"]
+        totals["requests"] += row["requests"]
+        bar.update(1)
+        bar.set_postfix(day=f"{(row['t1'] - sched.t0) / 86400:.1f}",
+                        ndcg10=f"{totals['ndcg'] / max(totals['scored'], 1):.4f}", requests=totals["requests"])
+
+    rec.progress = progress
+    sim_start = time.perf_counter()
+    if cfg.sim.backend == "ray":
+        run_ray(str(run_dir), rec, n_shards, cfg)
+    else:
+        run_inprocess(str(run_dir), rec, n_shards)
+    bar.close()
+    sim_wall = time.perf_counter() - sim_start
+    return write_results(cfg, out, rec, streams, cloud, n_shards, cached, start, sim_wall)
+
+
+def write_results(cfg, out: Path, rec: Recorder, streams, cloud, n_shards, cached, start, sim_wall) -> dict:
+    dev = rec.device_table()
+    fleet = build_fleet(cfg.devices, streams.inter.n_users, cfg.seed)
+    table = pd.DataFrame({k: v for k, v in dev.items()})
+    table["tier"] = fleet.tier[table["device"]]
+    table["link_class"] = fleet.link_class[table["device"]]
+    table["ndcg10"] = table["ndcg"] / table["scored"].where(table["scored"] > 0)
+    table.to_parquet(out / "devices.parquet", index=False)
+    rounds = pd.DataFrame(rec.rounds)
+    rounds.to_parquet(out / "rounds.parquet", index=False)
+    scored = float(table["scored"].sum())
+    sim_time = rec.sched.rounds * rec.sched.round_s
+    summary = {
+        "num_devices": int(streams.inter.n_users), "rounds": rec.sched.rounds,
+        "ndcg10": float(table["ndcg"].sum() / max(scored, 1)), "hit10": float(table["hit"].sum() / max(scored, 1)),
+        "events_total": int(table["events"].sum()), "events_evaluated": int(scored),
+        "events_no_context": int(table["no_context"].sum()), "events_no_model": int(table["no_model"].sum()),
+        "requests": int(table["requests"].sum()), "bytes_up": float(table["bytes_up"].sum()),
+        "bytes_down": float(table["bytes_down"].sum()),
+        "bytes_per_device_per_day": float((table["bytes_up"].sum() + table["bytes_down"].sum())
+                                          / len(table) / max(sim_time / 86400, 1e-9)),
+        "mean_flops_per_inference": float(table["flops"].sum() / max(scored, 1)),
+        "mean_params_on_device": float(table["params"].sum() / max(scored, 1)),
+        "budget_violations": int(table["budget_violations"].sum()),
+        "budget_unservable": cloud.counts["unservable"],
+        "over_budget_events": int(table["over_budget_events"].sum()),
+        "offline_deferred": int(table["offline_deferred"].sum()),
+        "download_retries": int(table["download_retries"].sum()),
+        "failed_shards": rec.failed_shards,
+        "sim_time_s": sim_time, "wall_s": time.perf_counter() - start, "sim_wall_s": sim_wall,
+        "pretrain_cached": cached,
+        "peak_rss_mb": max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                           resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1024,
+        "backend": cfg.sim.backend, "nodes": n_shards,
+        "method": cfg.method.name, "trigger": cfg.trigger._target_, "dataset": cfg.dataset.name, "seed": cfg.seed,
+    }
+    (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    write_json(out / "summary.json", summary)
+    _plot(rounds, out)
+    shutil.rmtree(out / ".sim", ignore_errors=True)
+    return summary
+
+
+def _plot(rounds: pd.DataFrame, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    r = rounds[rounds["kind"] == "window"]
+    if r.empty:
+        return
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
+    day = (r["t1"] - r["t0"].min()) / 86400
+    ax[0].plot(day, r["ndcg_sum"].cumsum() / r["scored"].cumsum().clip(lower=1))
+    ax[0].set(xlabel="simulated day", ylabel="running NDCG@10")
+    ax[1].plot(day, r["requests"].cumsum())
+    ax[1].set(xlabel="simulated day", ylabel="requests so far")
+    fig.tight_layout()
+    fig.savefig(out / "rounds.png", dpi=110)
+    plt.close(fig)
+
+
+@hydra.main(config_path=CONF_DIR, config_name="config", version_base=None)
+@friendly_errors
+def main(cfg: DictConfig) -> None:
+    summary = simulate(cfg)
+    keys = ("num_devices", "rounds", "ndcg10", "hit10", "requests", "events_total", "events_evaluated",
+            "mean_flops_per_inference", "wall_s")
+    print(json.dumps({k: summary[k] for k in keys}))
+
+
+if __name__ == "__main__":
+    main()

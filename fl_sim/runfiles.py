@@ -1,0 +1,67 @@
+"""The files one simulation run shares between its cloud and its device shards.
+
+`python -m fl_sim.run` writes them once into RUN/.sim/: the resolved config, the device
+streams, and the pre-trained model; every shard (in-process or in a Ray worker) and the
+cloud read them from there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from fl_sim.data.streams import DeviceStreams
+from fl_sim.models import checkpoint
+from fl_sim.models.factory import build_model
+from fl_sim.models.recommender import Recommender
+
+
+@dataclass
+class Streams:
+    """Per-device timelines in global arrays: device d's events are indptr[d]:indptr[d+1];
+    those from split[d] on are its real-time stream."""
+
+    item: np.ndarray
+    ts: np.ndarray
+    session: np.ndarray
+    indptr: np.ndarray
+    split: np.ndarray
+    n_items: int
+
+    @property
+    def n_devices(self) -> int:
+        return len(self.split)
+
+
+def write(folder: Path, cfg: DictConfig, streams: DeviceStreams, model: Recommender, fingerprint: dict) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    inter = streams.inter
+    np.savez(folder / "streams.npz", item=inter.item, ts=inter.ts, session=streams.session, indptr=inter.indptr,
+             split=streams.split, n_items=np.array(inter.n_items))
+    checkpoint.save(folder / "model.pt", model, fingerprint)
+
+
+@lru_cache(maxsize=4)
+def load_config(folder: str) -> DictConfig:
+    return OmegaConf.load(Path(folder) / "config.yaml")
+
+
+@lru_cache(maxsize=4)
+def load_streams(folder: str) -> Streams:
+    with np.load(Path(folder) / "streams.npz") as z:
+        return Streams(item=z["item"], ts=z["ts"], session=z["session"], indptr=z["indptr"], split=z["split"],
+                       n_items=int(z["n_items"]))
+
+
+def load_model(folder: str) -> Recommender:
+    cfg = load_config(folder)
+    model = build_model(cfg.model, cfg.method, load_streams(folder).n_items)
+    ck = torch.load(Path(folder) / "model.pt", map_location="cpu", weights_only=True)
+    model.load_state_dict(ck["state_dict"])
+    return model.eval()
