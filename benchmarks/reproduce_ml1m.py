@@ -49,23 +49,29 @@ def main() -> None:
     parser.add_argument("--model", default="sasrec")
     parser.add_argument("--minutes-for", nargs="*", default=[], help="per-method caps: METHOD=MINUTES")
     parser.add_argument("--extra", nargs="*", default=[], help="more key=value overrides for every run")
+    parser.add_argument("--tag", default="", help="suffix for this invocation's row names")
+    parser.add_argument("--merge", type=Path, help="keep the rows of an earlier results file")
+    parser.add_argument("--no-depth-matched", action="store_true")
     args = parser.parse_args()
     minutes = {m: float(v) for m, v in (x.split("=") for x in args.minutes_for)}
+    old = json.loads(args.merge.read_text()) if args.merge else {"rows": {}, "invocations": []}
+    if "invocations" not in old:  # a file from before invocations were recorded
+        old["invocations"] = [{k: old.get(k) for k in ("seeds", "max_minutes", "minutes_for", "extra")}]
     runs: dict[str, list[dict]] = {}
     for method in args.methods:
         cap = minutes.get(method, args.max_minutes)
-        runs[method] = [train(method, s, cap, args.model, args.extra) for s in args.seeds]
-        if method == "forward_ofa":  # the depth-matched baseline right after it
-            k = max(1, round(statistics.mean(r["kept_blocks_mean"] for r in runs["forward_ofa"])))
+        runs[method + args.tag] = [train(method, s, cap, args.model, args.extra) for s in args.seeds]
+        if method == "forward_ofa" and not args.no_depth_matched:  # the depth-matched baseline right after it
+            k = max(1, round(statistics.mean(r["kept_blocks_mean"] for r in runs[method + args.tag])))
             cap = minutes.get("device_rec", args.max_minutes)
-            runs[f"device_rec_{k}_blocks"] = [train("device_rec", s, cap, args.model,
-                                                    [*args.extra, f"model.n_blocks={k}"]) for s in args.seeds]
-        write(args, runs)
+            extra = [x for x in args.extra if not x.lstrip("+").startswith("method.")]
+            runs[f"device_rec_{k}_blocks"] = [train("device_rec", s, cap, args.model, [*extra, f"model.n_blocks={k}"])
+                                              for s in args.seeds]
+        write(args, runs, old)
 
 
-def write(args, runs: dict[str, list[dict]]) -> None:
-    base = runs.get("device_rec")
-    rows = {}
+def write(args, runs: dict[str, list[dict]], old: dict) -> None:
+    rows = dict(old["rows"])
     for name, rs in runs.items():
         row = {key: statistics.mean(r[key] for r in rs) for key in
                ("ndcg10", "hit10", "flops", "params", "shipped_params", "kept_blocks_mean", "train_s")}
@@ -75,19 +81,25 @@ def write(args, runs: dict[str, list[dict]]) -> None:
         row["kept_blocks_hist"] = rs[0]["kept_blocks_hist"]
         row["block_usage"] = rs[0]["block_usage"]
         row["distinct_structures"] = rs[0]["distinct_structures"]
-        if base:
-            b = {key: statistics.mean(r[key] for r in base) for key in ("ndcg10", "flops", "params", "shipped_params")}
-            row["ndcg_vs_device_rec"] = row["ndcg10"] / b["ndcg10"]
-            row["flops_vs_device_rec"] = row["flops"] / b["flops"]
-            row["params_vs_device_rec"] = row["params"] / b["params"]
-            row["shipped_vs_device_rec"] = row["shipped_params"] / b["shipped_params"] if b["shipped_params"] else None
-        row["paper_ndcg10"], row["paper_hit10"] = PAPER.get(name, (None, None))
+        row["overrides"] = args.extra
+        row["paper_ndcg10"], row["paper_hit10"] = PAPER.get(name.removesuffix(args.tag), (None, None))
         rows[name] = row
+    base = rows.get("device_rec")
+    for row in rows.values():
+        if base:
+            row["ndcg_vs_device_rec"] = row["ndcg10"] / base["ndcg10"]
+            row["flops_vs_device_rec"] = row["flops"] / base["flops"]
+            row["params_vs_device_rec"] = row["params"] / base["params"]
+            row["shipped_vs_device_rec"] = row["shipped_params"] / base["shipped_params"]
     out = ROOT / "benchmarks/results/reproduction_ml1m.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"model": args.model, "seeds": args.seeds, "max_minutes": args.max_minutes,
-                               "minutes_for": args.minutes_for,
-                               "extra": args.extra, "rows": rows}, indent=2) + "\n")
+    invocation = {"methods": args.methods, "seeds": args.seeds, "max_minutes": args.max_minutes,
+                  "minutes_for": args.minutes_for, "extra": args.extra, "tag": args.tag}
+    invocations = [*old.get("invocations", [])]
+    if not invocations or invocations[-1] != invocation:
+        invocations.append(invocation)
+    old["invocations"] = invocations
+    out.write_text(json.dumps({"model": args.model, "invocations": invocations, "rows": rows}, indent=2) + "\n")
     print("| method | NDCG@10 | Hit@10 | vs device_rec | FLOPs x | params x | blocks kept | paper NDCG@10 |")
     print("|---|---|---|---|---|---|---|---|")
     for name, r in rows.items():
