@@ -12,6 +12,7 @@ import json
 import os
 import resource
 import shutil
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -53,8 +54,10 @@ def run_ray(run_dir: str, rec: Recorder, n_shards: int, cfg: DictConfig) -> None
 
     address = cfg.sim.ray.address
     if not ray.is_initialized():
+        # Workers import the project and any user module (a custom trigger) as this process does.
+        paths = [str(Path(CONF_DIR).parent), *sys.path, *os.environ.get("PYTHONPATH", "").split(os.pathsep)]
         ray.init(address=address, include_dashboard=False, logging_level=logging.ERROR,
-                 runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join([str(Path(CONF_DIR).parent)])}})
+                 runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in paths if p)}})
     tag = uuid.uuid4().hex[:8]
     actor = ray.remote(num_cpus=0)(ShardActor)
     threads = max(1, int(ray.cluster_resources().get("CPU", 1)) // n_shards)
