@@ -86,6 +86,11 @@ class Shard:
             self.has_model[:] = True
             self.acc["bytes_down"] += self._model_bytes(self.blocks)
             return self._no_requests()
+        # What every device installs once besides its blocks: embeddings, final LayerNorm, and the
+        # on-device controller and extractor.
+        on_device = [m for m in (self.model.controller, self.model.extractor) if m is not None]
+        extra = cost.base_params(self.model.backbone) + sum(p.numel() for m in on_device for p in m.parameters())
+        self.acc["bytes_down"] += extra * FLOAT_BYTES
         return self._requests(np.arange(n), np.full(n, t0), ends=self.s.split[self.devices], bootstrap=True)
 
     # ---- one round ---------------------------------------------------------------------
