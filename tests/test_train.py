@@ -31,7 +31,7 @@ def test_training_learns(ml100k, method):
     torch.manual_seed(0)
     model = small_model(cfg, method, data)
     before = evaluate(model, data, "valid")
-    result = fit(model, data, lr=2e-3, batch=128, max_epochs=3, patience=3, ce_positions=20)
+    result = fit(model, data, lr=3e-3, batch=128, max_epochs=8, patience=8, ce_positions=20)
     after = evaluate(model, data, "valid")
     assert result.history[-1]["loss"] < result.history[0]["loss"]
     assert after.ndcg10 > 2 * before.ndcg10 and after.ndcg10 > 0.02
