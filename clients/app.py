@@ -8,7 +8,6 @@ its pool, so the state cannot live in the worker).
 
 from __future__ import annotations
 
-import numpy as np
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -64,7 +63,3 @@ class ShardActor:
 
     def call(self, kind: str, t0: float, t1: float, deliveries: dict, last: bool):
         return run_shard_round(self.shard, kind, t0, t1, deliveries, last)
-
-
-def empty_table() -> dict:
-    return {"device": np.zeros(0, dtype=np.int64)}

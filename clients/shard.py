@@ -20,7 +20,6 @@ from fl_sim import runfiles
 from fl_sim.devices import build_fleet
 from fl_sim.devices.budget import budgets
 from fl_sim.models import cost
-from fl_sim.models.forward_ofa import argmax_gate
 from fl_sim.training import left_pad
 
 FLOAT_BYTES = 4
@@ -202,7 +201,7 @@ class Shard:
     @torch.no_grad()
     def _score_batch(self, jobs, ndcg, hit, ent, ctx, flops_used, params_used):
         bb = self.model.backbone
-        seqs, targets, where = [], [], []
+        seqs, targets, _where = [], [], []
         for b, (j, blocks, weights, e0, e1, out) in enumerate(jobs):
             g = self.devices[j]
             first = max(self.s.indptr[g], e1 - 1 - self.T)

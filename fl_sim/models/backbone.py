@@ -10,7 +10,6 @@ import math
 from typing import Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fl_sim.models.blocks import Block, NextItNetBlock, SASRecBlock, dropout
