@@ -201,7 +201,7 @@ class Shard:
     @torch.no_grad()
     def _score_batch(self, jobs, ndcg, hit, ent, ctx, flops_used, params_used):
         bb = self.model.backbone
-        seqs, targets, _where = [], [], []
+        seqs, targets = [], []
         for b, (j, blocks, weights, e0, e1, out) in enumerate(jobs):
             g = self.devices[j]
             first = max(self.s.indptr[g], e1 - 1 - self.T)
