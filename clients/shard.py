@@ -43,8 +43,7 @@ class Shard:
         self.shared = self.model.mapper is None
         # One model for everyone (device_rec): asking again would bring the same model.
         self.static = self.shared and self.model.spec.structure == "all"
-        self.block_flops = np.array([cost.block_flops(b, self.T) for b in bb.blocks], dtype=np.float64)
-        self.block_params = np.array([b.n_params() for b in bb.blocks], dtype=np.float64)
+        self.block_flops, self.block_params = cost.per_block(bb)
         # What each device holds: kept blocks, their weights ({block: flat} or None = shared).
         self.blocks = np.zeros((n, self.L), dtype=bool)
         self.weights: list = [None] * n

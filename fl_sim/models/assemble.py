@@ -54,8 +54,7 @@ def select_blocks(model: Recommender, gate: np.ndarray, margin: np.ndarray, max_
     """Keep mask [N,L]: the gated blocks, most wanted first, as many as fit both budgets."""
     bb = model.backbone
     L = bb.n_blocks
-    f = np.array([cost.block_flops(b, bb.maxlen) for b in bb.blocks], dtype=np.float64)
-    p = np.array([b.n_params() for b in bb.blocks], dtype=np.float64)
+    f, p = cost.per_block(bb)
     base_f, base_p = cost.inference_flops(bb, []), cost.base_params(bb)
     on = gate >= 0.5
     order = np.argsort(np.where(on, -margin, np.inf), axis=1, kind="stable")  # wanted first
@@ -93,8 +92,7 @@ def assemble(model: Recommender, beta: Optional[torch.Tensor], gate: torch.Tenso
             shared = bb.blocks[k].flat_shared()
             for i in rows.tolist():
                 flat[i].append(shared)
-    f = np.array([cost.block_flops(b, bb.maxlen) for b in bb.blocks])
-    p = np.array([b.n_params() for b in bb.blocks])
+    f, p = cost.per_block(bb)
     flops = cost.inference_flops(bb, []) + keep @ f
     shipped = keep @ p
     params = cost.base_params(bb) + shipped

@@ -30,6 +30,15 @@ def inference_flops(backbone: Backbone, blocks: Iterable[int], T: Optional[int] 
     return sum(block_flops(backbone.blocks[l], T) for l in blocks) + 2 * backbone.d * backbone.n_items
 
 
+def per_block(backbone: Backbone):
+    """(FLOPs per inference, parameters) of each block as float arrays, for vectorised sums."""
+    import numpy as np
+
+    flops = np.array([block_flops(b, backbone.maxlen) for b in backbone.blocks], dtype=np.float64)
+    params = np.array([b.n_params() for b in backbone.blocks], dtype=np.float64)
+    return flops, params
+
+
 def block_params(backbone: Backbone, blocks: Iterable[int]) -> int:
     return sum(backbone.blocks[l].n_params() for l in blocks)
 
