@@ -8,6 +8,8 @@ its pool, so the state cannot live in the worker).
 
 from __future__ import annotations
 
+import threading
+
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -28,9 +30,11 @@ def make_client_app(tag: str) -> ClientApp:
         shard = int(context.node_config["partition-id"])
         window = msg.content["window"]
         actor = ray.get_actor(shard_actor_name(tag, shard))
-        deliveries = protocol.from_record(msg.content["deliveries"])
-        requests, metrics, table = ray.get(actor.call.remote(window["kind"], float(window["t0"]),
-                                                            float(window["t1"]), deliveries, bool(window["last"])))
+        # Deliveries come inline, or were handed to the shard's actor through Ray's object store.
+        deliveries = protocol.from_record(msg.content["deliveries"]) if "deliveries" in msg.content else None
+        requests, metrics, table = ray.get(actor.call.remote(
+            window["kind"], float(window["t0"]), float(window["t1"]), bool(window["last"]),
+            int(window["round"]), deliveries))
         content = {"requests": protocol.to_record(requests),
                    "metrics": MetricRecord({**metrics, "shard": shard}),
                    "info": ConfigRecord({"shard": shard})}
@@ -53,13 +57,41 @@ def run_shard_round(shard, kind: str, t0: float, t1: float, deliveries: dict, la
 class ShardActor:
     """Holds one shard between rounds (wrapped with ray.remote by the Ray backend)."""
 
-    def __init__(self, run_dir: str, shard: int, n_shards: int, threads: int = 1):
+    def __init__(self, shard: int, n_shards: int, threads: int = 1):
+        import warnings
+
         import torch
 
+        torch.set_num_threads(threads)
+        # Arrays from Ray's object store are read-only; the shard never writes to them.
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        self.index, self.n_shards = shard, n_shards
+        self.mailbox: dict[int, dict] = {}
+        self.posted = threading.Condition()
+        self.shard = None
+
+    def load(self, run_dir: str) -> None:
         from clients.shard import Shard
 
-        torch.set_num_threads(threads)
-        self.shard = Shard(run_dir, shard, n_shards)
+        shard = Shard(run_dir, self.index, self.n_shards)
+        with self.posted:
+            self.shard = shard
+            self.posted.notify_all()
 
-    def call(self, kind: str, t0: float, t1: float, deliveries: dict, last: bool):
+    def deliver(self, round_: int, deliveries: dict) -> None:
+        with self.posted:
+            self.mailbox[round_] = deliveries
+            self.posted.notify_all()
+
+    def call(self, kind: str, t0: float, t1: float, last: bool, round_: int, deliveries: dict | None = None,
+             wait_s: float = 600.0):
+        """Run a round. Without inline deliveries, wait for the cloud's hand-over of this
+        round's (posted concurrently: the actor runs two calls at a time)."""
+        with self.posted:
+            if not self.posted.wait_for(lambda: self.shard is not None, timeout=wait_s):
+                raise RuntimeError(f"shard {self.index}: not loaded within {wait_s:.0f} s")
+            if deliveries is None:
+                if not self.posted.wait_for(lambda: round_ in self.mailbox, timeout=wait_s):
+                    raise RuntimeError(f"shard {self.index}: no deliveries for round {round_} within {wait_s:.0f} s")
+                deliveries = self.mailbox.pop(round_)
         return run_shard_round(self.shard, kind, t0, t1, deliveries, last)

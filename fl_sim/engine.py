@@ -9,6 +9,7 @@ every backend, so a seed gives the same results whichever runs it.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -52,6 +53,7 @@ class Recorder:
         self.shard_of_node: dict[int, int] = {}
         self.failed_shards = 0
         self.progress = None
+        self._clock = time.perf_counter()
 
     def window(self, r: int) -> tuple[str, float, float, bool]:
         """Round 0 bootstraps at t0; round r >= 1 replays window r-1."""
@@ -66,6 +68,7 @@ class Recorder:
     def collect(self, r: int, parts: list[tuple]) -> None:
         """parts: (shard, requests, metrics, device table or None) from each shard."""
         parts = sorted(parts, key=lambda p: p[0])
+        self.failed_shards += self.n_shards - len({p[0] for p in parts})  # no reply, or an error reply
         requests = protocol.concat([p[1] for p in parts]) if parts else {"device": np.zeros(0, np.int64)}
         order = np.argsort(requests["device"], kind="stable")  # the batch does not depend on sharding
         requests = {k: v[order] for k, v in requests.items()}
@@ -75,6 +78,8 @@ class Recorder:
                if len(requests["device"]) else 0, "delivered": int(len(self.pending["device"]))}
         for key in ("events", "scored", "ndcg_sum", "hit_sum"):
             row[key] = float(sum(p[2].get(key, 0.0) for p in parts))
+        now = time.perf_counter()
+        row["wall_s"], self._clock = now - self._clock, now  # since the previous round ended
         self.rounds.append(row)
         for shard, _, _, table in parts:
             if table is not None:

@@ -12,9 +12,7 @@ import json
 import os
 import resource
 import shutil
-import sys
 import time
-import uuid
 from pathlib import Path
 
 import hydra
@@ -23,56 +21,13 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from fl_sim import runfiles
+from fl_sim.backends import BACKENDS
 from fl_sim.cli import CONF_DIR, friendly_errors, output_dir, write_json
 from fl_sim.data import build_streams, load_dataset, select_devices
 from fl_sim.devices import build_fleet
 from fl_sim.engine import Recorder, schedule
 from fl_sim.errors import ConfigError
 from fl_sim.pretrain import pretrained, stream_times
-
-
-def run_inprocess(run_dir: str, rec: Recorder, n_shards: int) -> None:
-    from clients.app import run_shard_round
-    from clients.shard import Shard
-
-    shards = [Shard(run_dir, s, n_shards) for s in range(n_shards)]
-    for r in range(rec.sched.rounds + 1):
-        kind, t0, t1, last = rec.window(r)
-        per_shard = rec.deliveries_for_shards()
-        rec.collect(r, [(s, *run_shard_round(shards[s], kind, t0, t1, per_shard[s], last)) for s in range(n_shards)])
-
-
-def run_ray(run_dir: str, rec: Recorder, n_shards: int, cfg: DictConfig) -> None:
-    import logging
-
-    import ray
-    from flwr.simulation import run_simulation
-
-    from clients.app import ShardActor, make_client_app, shard_actor_name
-    from strategies.app import make_server_app
-
-    address = cfg.sim.ray.address
-    if not ray.is_initialized():
-        # Workers import the project and any user module (a custom trigger) as this process does.
-        paths = [str(Path(CONF_DIR).parent), *sys.path, *os.environ.get("PYTHONPATH", "").split(os.pathsep)]
-        ray.init(address=address, include_dashboard=False, logging_level=logging.ERROR,
-                 runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in paths if p)}})
-    tag = uuid.uuid4().hex[:8]
-    actor = ray.remote(num_cpus=0)(ShardActor)
-    threads = max(1, int(ray.cluster_resources().get("CPU", 1)) // n_shards)
-    handles = [actor.options(name=shard_actor_name(tag, s)).remote(run_dir, s, n_shards, threads)
-               for s in range(n_shards)]
-    ray.get([h.__ray_ready__.remote() for h in handles])
-    try:
-        run_simulation(server_app=make_server_app(rec, rec.sched), client_app=make_client_app(tag),
-                       num_supernodes=n_shards,
-                       backend_config={"client_resources": {"num_cpus": 0.5, "num_gpus": 0.0}})
-    finally:
-        if ray.is_initialized():  # run_simulation may already have shut Ray down
-            for h in handles:
-                ray.kill(h)
-            if address is None:
-                ray.shutdown()
 
 
 def simulate(cfg: DictConfig) -> dict:
@@ -82,6 +37,15 @@ def simulate(cfg: DictConfig) -> dict:
     if float(cfg.sim.round_s) <= 0:
         raise ConfigError(f"sim.round_s must be > 0, got {cfg.sim.round_s}")
     out = output_dir()
+    n_shards = max(1, min(int(cfg.sim.nodes or os.cpu_count() or 1), int(cfg.num_clients)))
+    backend = BACKENDS[cfg.sim.backend](cfg, n_shards)  # Ray comes up while the data loads
+    try:
+        return _simulate(cfg, out, backend, start)
+    finally:
+        backend.close()
+
+
+def _simulate(cfg: DictConfig, out: Path, backend, start: float) -> dict:
     inter, _ = load_dataset(cfg.dataset, num_clients=cfg.num_clients, seed=cfg.seed, cache_dir=cfg.cache_dir)
     inter = select_devices(inter, cfg.num_clients, cfg.seed)
     streams = build_streams(inter, cfg.streams, cfg.seed)
@@ -93,8 +57,10 @@ def simulate(cfg: DictConfig) -> dict:
     sched = schedule(stream_times(streams), float(cfg.sim.round_s))
     if cfg.sim.max_rounds:
         sched.rounds = min(sched.rounds, int(cfg.sim.max_rounds))
-    n_shards = int(cfg.sim.nodes or os.cpu_count() or 1)
-    n_shards = max(1, min(n_shards, inter.n_users))
+    n_shards = backend.n_shards
+    if inter.n_users < n_shards:
+        raise ConfigError(f"sim.nodes={n_shards} shards for {inter.n_users} devices: use at most one shard per device")
+    backend.load(str(run_dir))
 
     from strategies.cloud import Cloud
 
@@ -113,10 +79,7 @@ def simulate(cfg: DictConfig) -> dict:
 
     rec.progress = progress
     sim_start = time.perf_counter()
-    if cfg.sim.backend == "ray":
-        run_ray(str(run_dir), rec, n_shards, cfg)
-    else:
-        run_inprocess(str(run_dir), rec, n_shards)
+    backend.run(rec)
     bar.close()
     sim_wall = time.perf_counter() - sim_start
     return write_results(cfg, out, rec, streams, cloud, n_shards, cached, start, sim_wall)

@@ -7,6 +7,7 @@ requests of the round in one batched pass (strategies.cloud.Cloud).
 
 from __future__ import annotations
 
+import time
 from typing import Iterable, Optional
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -15,12 +16,14 @@ from flwr.serverapp.strategy import Strategy
 
 from fl_sim import protocol
 from fl_sim.engine import Recorder, Schedule
+from fl_sim.errors import FlSimError
 
 
 class CloudStrategy(Strategy):
-    def __init__(self, recorder: Recorder, schedule: Schedule):
+    def __init__(self, recorder: Recorder, schedule: Schedule, deliver=None, connect_timeout_s: float = 300.0):
         self.rec, self.sched = recorder, schedule
-        self.node_of_shard: dict[int, int] = {}
+        self.deliver = deliver  # deliver(round, per_shard) hands weights over outside the message
+        self.connect_timeout_s = connect_timeout_s
 
     def summary(self) -> None:
         pass
@@ -29,22 +32,36 @@ class CloudStrategy(Strategy):
                         grid: Grid) -> Iterable[Message]:
         r = server_round - 1  # round 0 is the bootstrap
         kind, t0, t1, last = self.rec.window(r)
-        nodes = sorted(grid.get_node_ids())
+        nodes = self._nodes(grid)
         per_shard = self.rec.deliveries_for_shards()
+        if self.deliver is not None:
+            self.deliver(r, per_shard)
         messages = []
         for node in nodes:
-            shard = self.rec.shard_of_node.get(node)
-            deliveries = per_shard[shard] if shard is not None else protocol.empty_deliveries(self.rec.n_blocks)
-            content = RecordDict({"window": ConfigRecord({"kind": kind, "t0": t0, "t1": t1, "last": last}),
-                                  "deliveries": protocol.to_record(deliveries)})
+            window = ConfigRecord({"kind": kind, "t0": t0, "t1": t1, "last": last, "round": r})
+            content = RecordDict({"window": window})
+            if self.deliver is None:
+                shard = self.rec.shard_of_node.get(node)
+                deliveries = per_shard[shard] if shard is not None else protocol.empty_deliveries(self.rec.n_blocks)
+                content["deliveries"] = protocol.to_record(deliveries)
             messages.append(Message(content, dst_node_id=node, message_type="train", group_id=str(server_round)))
         return messages
+
+    def _nodes(self, grid: Grid) -> list[int]:
+        """Every shard's node. The ServerApp can start before the SuperNodes are up; a round
+        sent then would reach no shard, so wait for all of them."""
+        deadline = time.monotonic() + self.connect_timeout_s
+        while len(nodes := sorted(grid.get_node_ids())) < self.rec.n_shards:
+            if time.monotonic() > deadline:
+                raise FlSimError(f"only {len(nodes)} of {self.rec.n_shards} shard nodes connected "
+                                 f"within {self.connect_timeout_s:.0f} s")
+            time.sleep(0.05)
+        return nodes
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         parts = []
         for reply in replies:
-            if reply.has_error():
-                self.rec.failed_shards += 1
+            if reply.has_error():  # counted by the recorder as a shard missing from the round
                 continue
             shard = int(reply.content["info"]["shard"])
             self.rec.shard_of_node[reply.metadata.src_node_id] = shard
@@ -62,11 +79,13 @@ class CloudStrategy(Strategy):
         return None
 
 
-def make_server_app(recorder: Recorder, schedule: Schedule) -> ServerApp:
+def make_server_app(recorder: Recorder, schedule: Schedule, deliver=None) -> ServerApp:
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context) -> None:
-        CloudStrategy(recorder, schedule).start(grid, ArrayRecord(), num_rounds=schedule.rounds + 1, timeout=86_400)
+        if hasattr(grid, "pull_interval"):  # the in-memory grid polls for replies; 0.1 s a round adds up
+            grid.pull_interval = 0.005
+        CloudStrategy(recorder, schedule, deliver).start(grid, ArrayRecord(), num_rounds=schedule.rounds + 1, timeout=86_400)
 
     return app
