@@ -66,6 +66,7 @@ class Shard:
         self.acc = {k: np.zeros(n) for k in ("events", "scored", "no_context", "ndcg", "hit", "flops", "params",
                                              "requests", "bytes_up", "bytes_down", "offline_deferred",
                                              "no_model", "download_retries", "budget_violations", "over_budget_events", "request_flops")}
+        self.block_events = np.zeros((n, self.L))  # scored events with block k in the model held
         self.ema = float(cfg.sim.ema)
         self.sent_budget = np.full((n, 2), np.inf)  # (FLOPs, params) of each device's last request
 
@@ -191,6 +192,7 @@ class Shard:
         ndcg, hit, ent = np.zeros(n_ev), np.zeros(n_ev), np.zeros(n_ev)
         ctx = np.zeros(n_ev, dtype=bool)
         flops_used, params_used = np.zeros(n_ev), np.zeros(n_ev)
+        self._blocks_used = np.zeros((n_ev, self.L), dtype=bool)
         batch = int(self.cfg.sim.batch)
         for b0 in range(0, len(jobs), batch):
             self._score_batch(jobs[b0:b0 + batch], ndcg, hit, ent, ctx, flops_used, params_used)
@@ -240,6 +242,7 @@ class Shard:
         hit[out] = rank < 10
         ctx[out] = True
         kept = blocks[np.array([t[0] for t in targets])]
+        self._blocks_used[out] = kept
         flops_used[out] = cost.inference_flops(bb, []) + kept @ self.block_flops
         params_used[out] = cost.base_params(bb) + kept @ self.block_params
 
@@ -264,6 +267,7 @@ class Shard:
             acc["no_context"][js] += ~scored & ~self._no_model[out]
             acc["flops"][js] += np.where(scored, self._flops_used[out], 0)
             acc["params"][js] += np.where(scored, self._params_used[out], 0)
+            self.block_events[js] += scored[:, None] & self._blocks_used[out]
             new_session = self.s.session[e] != self.last_session[js]
             self.last_session[js] = self.s.session[e]
             self.events_since[js] += 1
@@ -273,7 +277,7 @@ class Shard:
             self.hit_rate[js] = np.where(scored, (1 - ema) * self.hit_rate[js] + ema * hit[out], self.hit_rate[js])
             max_f, max_p = budgets(self.fleet, g, t, lat, mem)
             acc["over_budget_events"][js] += scored & (self._flops_used[out] > max_f)
-            view = DeviceView(now=t, events_since_request=self.events_since[js],
+            view = DeviceView(device=g, index=js, now=t, events_since_request=self.events_since[js],
                               sessions_since_request=self.sessions_since[js], new_session=new_session,
                               interest=self.interest[js], interest_at_request=self.interest_at_request[js],
                               entropy=self.entropy[js], hit_rate=self.hit_rate[js],
@@ -317,7 +321,7 @@ class Shard:
         self.acc["request_flops"][js] += self._encode_flops(H)
         self.outstanding[js] = True
         self.sent_budget[js, 0], self.sent_budget[js, 1] = max_f, max_p
-        return {"device": g.astype(np.int64), "ready_time": t + upload, "beta": beta_np.astype(np.float32),
+        return {"device": g.astype(np.int64), "time": np.asarray(t, dtype=float), "ready_time": t + upload, "beta": beta_np.astype(np.float32),
                 "h": h_np.astype(np.float32), "max_flops": max_f, "max_params": max_p,
                 "bootstrap": np.full(len(js), bootstrap)}
 
@@ -330,7 +334,7 @@ class Shard:
         return flops + (cost.gru_flops(d, hidden, self.W) if hidden else 0)
 
     def _no_requests(self) -> dict:
-        return {"device": np.zeros(0, dtype=np.int64), "ready_time": np.zeros(0),
+        return {"device": np.zeros(0, dtype=np.int64), "time": np.zeros(0), "ready_time": np.zeros(0),
                 "beta": np.zeros((0, self.L, 2), np.float32), "h": np.zeros((0, self._h_dim()), np.float32),
                 "max_flops": np.zeros(0), "max_params": np.zeros(0), "bootstrap": np.zeros(0, bool)}
 
@@ -346,4 +350,5 @@ class Shard:
         """Per-device totals, for the run's tables (sent with the last round's reply)."""
         out = {"device": self.devices.astype(np.int64)}
         out.update({k: v.copy() for k, v in self.acc.items()})
+        out.update({f"block_{k}": self.block_events[:, k].copy() for k in range(self.L)})
         return out

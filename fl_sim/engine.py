@@ -52,6 +52,7 @@ class Recorder:
         self.tables: dict[int, dict] = {}
         self.shard_of_node: dict[int, int] = {}
         self.failed_shards = 0
+        self.request_log: list[tuple[np.ndarray, np.ndarray]] = []  # (device, time) of each round's requests
         self.progress = None
         self._clock = time.perf_counter()
 
@@ -73,6 +74,9 @@ class Recorder:
         order = np.argsort(requests["device"], kind="stable")  # the batch does not depend on sharding
         requests = {k: v[order] for k, v in requests.items()}
         kind, t0, t1, _ = self.window(r)
+        if len(requests["device"]):
+            asked = ~requests["bootstrap"]
+            self.request_log.append((requests["device"][asked], requests["time"][asked]))
         self.pending = self.cloud.answer(requests, t1)
         row = {"round": r, "kind": kind, "t0": t0, "t1": t1, "requests": int((~requests["bootstrap"]).sum())
                if len(requests["device"]) else 0, "delivered": int(len(self.pending["device"]))}
@@ -86,6 +90,13 @@ class Recorder:
                 self.tables[shard] = table
         if self.progress:
             self.progress(row)
+
+    def request_table(self) -> dict[str, np.ndarray]:
+        """Every request of the run (bootstrap excluded): device, time."""
+        if not self.request_log:
+            return {"device": np.zeros(0, np.int64), "time": np.zeros(0)}
+        return {"device": np.concatenate([d for d, _ in self.request_log]),
+                "time": np.concatenate([t for _, t in self.request_log])}
 
     def device_table(self) -> dict[str, np.ndarray]:
         tables = [self.tables[s] for s in sorted(self.tables)]

@@ -6,7 +6,7 @@ sub-models answering the shard's earlier requests:
   bootstrap [m] (the first model, installed before deployment starts),
   and per block k: rows_k [m_k] (indices into the m deliveries), flat_k [m_k, P_k] weights.
 Shard -> cloud ("requests" + "metrics"): only (beta, h) and the budget, never item ids:
-  device [r], ready_time [r] (request time + upload), beta [r, L, 2], h [r, H],
+  device [r], time [r] (when the device asked), ready_time [r] (time + upload), beta [r, L, 2], h [r, H],
   max_flops [r], max_params [r], bootstrap [r].
 The Flower apps wrap these dicts in ArrayRecords; the in-process backend passes them as is.
 """

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import shutil
 import time
 from pathlib import Path
@@ -27,7 +26,23 @@ from fl_sim.data import build_streams, load_dataset, select_devices
 from fl_sim.devices import build_fleet
 from fl_sim.engine import Recorder, schedule
 from fl_sim.errors import ConfigError
+from fl_sim.memory import PeakMemory
 from fl_sim.pretrain import pretrained, stream_times
+
+
+def check_trigger(cfg: DictConfig) -> None:
+    """Build the trigger once here, so a bad `trigger.*` value stops the run before it starts."""
+    from hydra.utils import instantiate
+
+    from clients.triggers import Trigger
+
+    try:
+        trigger = instantiate(cfg.trigger)
+    except Exception as exc:  # Hydra wraps the policy's own error; show its message
+        cause = exc.__cause__ or exc
+        raise ConfigError(f"trigger ({cfg.trigger.get('_target_')}): {cause}") from exc
+    if not isinstance(trigger, Trigger):
+        raise ConfigError(f"trigger._target_={cfg.trigger._target_} is not a clients.triggers.Trigger")
 
 
 def simulate(cfg: DictConfig) -> dict:
@@ -36,16 +51,18 @@ def simulate(cfg: DictConfig) -> dict:
         raise ConfigError(f"sim.backend must be ray or inprocess, got {cfg.sim.backend!r}")
     if float(cfg.sim.round_s) <= 0:
         raise ConfigError(f"sim.round_s must be > 0, got {cfg.sim.round_s}")
+    check_trigger(cfg)
     out = output_dir()
     n_shards = max(1, min(int(cfg.sim.nodes or os.cpu_count() or 1), int(cfg.num_clients)))
-    backend = BACKENDS[cfg.sim.backend](cfg, n_shards)  # Ray comes up while the data loads
-    try:
-        return _simulate(cfg, out, backend, start)
-    finally:
-        backend.close()
+    with PeakMemory() as memory:
+        backend = BACKENDS[cfg.sim.backend](cfg, n_shards)  # Ray comes up while the data loads
+        try:
+            return _simulate(cfg, out, backend, start, memory)
+        finally:
+            backend.close()
 
 
-def _simulate(cfg: DictConfig, out: Path, backend, start: float) -> dict:
+def _simulate(cfg: DictConfig, out: Path, backend, start: float, memory: PeakMemory) -> dict:
     inter, _ = load_dataset(cfg.dataset, num_clients=cfg.num_clients, seed=cfg.seed, cache_dir=cfg.cache_dir)
     inter = select_devices(inter, cfg.num_clients, cfg.seed)
     streams = build_streams(inter, cfg.streams, cfg.seed)
@@ -82,10 +99,11 @@ def _simulate(cfg: DictConfig, out: Path, backend, start: float) -> dict:
     backend.run(rec)
     bar.close()
     sim_wall = time.perf_counter() - sim_start
-    return write_results(cfg, out, rec, streams, cloud, n_shards, cached, start, sim_wall)
+    return write_results(cfg, out, rec, streams, cloud, n_shards, cached, start, sim_wall, memory)
 
 
-def write_results(cfg, out: Path, rec: Recorder, streams, cloud, n_shards, cached, start, sim_wall) -> dict:
+def write_results(cfg, out: Path, rec: Recorder, streams, cloud, n_shards, cached, start, sim_wall,
+                  memory: PeakMemory) -> dict:
     dev = rec.device_table()
     fleet = build_fleet(cfg.devices, streams.inter.n_users, cfg.seed)
     table = pd.DataFrame({k: v for k, v in dev.items()})
@@ -95,6 +113,10 @@ def write_results(cfg, out: Path, rec: Recorder, streams, cloud, n_shards, cache
     table.to_parquet(out / "devices.parquet", index=False)
     rounds = pd.DataFrame(rec.rounds)
     rounds.to_parquet(out / "rounds.parquet", index=False)
+    pd.DataFrame(rec.request_table()).to_parquet(out / "requests.parquet", index=False)
+    shifts = streams.inter.shifts  # ground truth of synthetic data: when each device's interests moved
+    if shifts is not None:
+        shifts[["device", "time"]].to_parquet(out / "shifts.parquet", index=False)
     scored = float(table["scored"].sum())
     sim_time = rec.sched.rounds * rec.sched.round_s
     summary = {
@@ -114,10 +136,10 @@ def write_results(cfg, out: Path, rec: Recorder, streams, cloud, n_shards, cache
         "offline_deferred": int(table["offline_deferred"].sum()),
         "download_retries": int(table["download_retries"].sum()),
         "failed_shards": rec.failed_shards,
-        "sim_time_s": sim_time, "wall_s": time.perf_counter() - start, "sim_wall_s": sim_wall,
+        "sim_time_s": sim_time, "t_start": rec.sched.t0, "t_end": rec.sched.t0 + sim_time,
+        "wall_s": time.perf_counter() - start, "sim_wall_s": sim_wall,
         "pretrain_cached": cached,
-        "peak_rss_mb": max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-                           resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1024,
+        "peak_rss_mb": memory.result_mb(),  # this process and all it started (Ray included), PSS
         "backend": cfg.sim.backend, "nodes": n_shards,
         "method": cfg.method.name, "trigger": cfg.trigger._target_, "dataset": cfg.dataset.name, "seed": cfg.seed,
     }

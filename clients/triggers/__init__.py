@@ -5,6 +5,8 @@ Select one with `trigger=NAME` (conf/trigger/) or your own with `trigger._target
 """
 
 from clients.triggers.base import DeviceView, Trigger
-from clients.triggers.builtin import Always, Drift, EverySession, Never
+from clients.triggers.builtin import (Always, BandwidthAware, Budgeted, Drift, EverySession, Never, Periodic,
+                                      RandomRate, Uncertainty, Wrapper)
 
-__all__ = ["DeviceView", "Trigger", "Never", "Always", "EverySession", "Drift"]
+__all__ = ["DeviceView", "Trigger", "Wrapper", "Never", "Always", "EverySession", "Periodic", "Drift",
+           "Uncertainty", "RandomRate", "Budgeted", "BandwidthAware"]

@@ -20,11 +20,13 @@ import numpy as np
 class DeviceView:
     """What each device of the shard knows now; every field is an array over those devices."""
 
+    device: np.ndarray  # global device ids (stable whatever the sharding: key random draws on these)
+    index: np.ndarray  # rows in the shard's state arrays (sized by Trigger.reset)
     now: np.ndarray  # simulated time, seconds
     events_since_request: np.ndarray  # events seen since the device's last request
     sessions_since_request: np.ndarray  # sessions started since the last request
     new_session: np.ndarray  # bool: this event opens a session
-    interest: np.ndarray  # [n, dim] the device's interest vector now (its extractor's h)
+    interest: np.ndarray  # [n, dim] the device's interest now: moving average of its items' embeddings
     interest_at_request: np.ndarray  # [n, dim] the same at its last request
     entropy: np.ndarray  # mean entropy of its model's recent predictions (nats)
     hit_rate: np.ndarray  # share of its recent events that its model ranked in the top 10
@@ -41,7 +43,8 @@ class DeviceView:
 
 class Trigger(ABC):
     """Decides who requests. Subclasses keep any per-device state they need in arrays sized by
-    `reset(n)`; the simulator calls `requested(mask)` after requests are sent."""
+    `reset(n)` and indexed by `view.index`; the simulator calls `requested(mask, view)` with
+    the devices whose request was actually sent (online, no request already outstanding)."""
 
     def reset(self, n: int, seed: int) -> None:
         """Called once per shard before its first event, with the shard's device count."""

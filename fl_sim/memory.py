@@ -1,0 +1,71 @@
+"""Peak memory of a run: this process and every process it started (Ray's raylet, workers,
+shard actors), sampled from /proc. PSS (proportional set size) counts shared pages, such as
+Ray's object store, once across processes rather than once per process."""
+
+from __future__ import annotations
+
+import os
+import resource
+import threading
+from pathlib import Path
+
+
+def _children() -> dict[int, list[int]]:
+    kids: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        kids.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    return kids
+
+
+def _pss_kb(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def tree_pss_mb(root: int | None = None) -> float:
+    """Current PSS of a process and all its descendants, MB (0 where /proc is unavailable)."""
+    kids, todo, total = _children(), [root or os.getpid()], 0
+    while todo:
+        pid = todo.pop()
+        total += _pss_kb(pid)
+        todo.extend(kids.get(pid, []))
+    return total / 1024
+
+
+class PeakMemory:
+    """Samples the process tree every `every_s` seconds while running (a daemon thread)."""
+
+    def __init__(self, every_s: float = 0.5):
+        self.every_s, self.peak_mb = every_s, 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.peak_mb = max(self.peak_mb, tree_pss_mb())
+            self._stop.wait(self.every_s)
+
+    def __enter__(self) -> "PeakMemory":
+        if Path("/proc/self/smaps_rollup").exists():
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def result_mb(self) -> float:
+        """The sampled peak, or this process's own peak RSS if that is larger (short runs)."""
+        own = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                  resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1024
+        return max(self.peak_mb, own)
