@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import hydra
+import numpy as np
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
@@ -113,10 +114,18 @@ def write_results(cfg, out: Path, rec: Recorder, streams, cloud, n_shards, cache
     table.to_parquet(out / "devices.parquet", index=False)
     rounds = pd.DataFrame(rec.rounds)
     rounds.to_parquet(out / "rounds.parquet", index=False)
-    pd.DataFrame(rec.request_table()).to_parquet(out / "requests.parquet", index=False)
-    shifts = streams.inter.shifts  # ground truth of synthetic data: when each device's interests moved
-    if shifts is not None:
-        shifts[["device", "time"]].to_parquet(out / "shifts.parquet", index=False)
+    requests = pd.DataFrame(rec.request_table())
+    requests["event"] = stream_ordinal(streams, requests["device"].to_numpy(), requests["time"].to_numpy())
+    requests.to_parquet(out / "requests.parquet", index=False)
+    if streams.inter.shifts is not None:  # ground truth of synthetic data: when each device's interests moved
+        shifts = streams.inter.shifts[["device", "time"]].copy()
+        d, ind = shifts["device"].to_numpy(), streams.inter.indptr
+        last_history = np.where(streams.split[d] > ind[d], streams.inter.ts[np.maximum(streams.split[d] - 1, 0)], -np.inf)
+        shifts = shifts[shifts["time"].to_numpy() > last_history].reset_index(drop=True)  # during the stream
+        d = shifts["device"].to_numpy()
+        shifts["event"] = stream_ordinal(streams, d, shifts["time"].to_numpy())
+        shifts["events_after"] = ind[1:][d] - streams.split[d] - shifts["event"]
+        shifts.to_parquet(out / "shifts.parquet", index=False)
     scored = float(table["scored"].sum())
     sim_time = rec.sched.rounds * rec.sched.round_s
     summary = {
@@ -148,6 +157,17 @@ def write_results(cfg, out: Path, rec: Recorder, streams, cloud, n_shards, cache
     _plot(rounds, out)
     shutil.rmtree(out / ".sim", ignore_errors=True)
     return summary
+
+
+def stream_ordinal(streams, device: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """How many of its stream events each device had seen by time t (a request made at an
+    event counts that event)."""
+    out = np.zeros(len(device), dtype=np.int64)
+    ts, split, end = streams.inter.ts, streams.split, streams.inter.indptr[1:]
+    for d in np.unique(device):
+        rows = np.flatnonzero(device == d)
+        out[rows] = np.searchsorted(ts[split[d]:end[d]], t[rows], side="right")
+    return out
 
 
 def _plot(rounds: pd.DataFrame, out: Path) -> None:

@@ -1,0 +1,1 @@
+"""Tables and plots from run outputs: `python -m fl_sim.report DIR [DIR ...]`."""
