@@ -61,11 +61,13 @@ class Shard:
         self.interest_at_request = np.zeros_like(self.interest)
         self.entropy = np.zeros(n)
         self.hit_rate = np.zeros(n)
+        self.signal_n = np.zeros(n)  # scored events so far (for the averages' start)
         self.last_session = np.full(n, -1)
         # Per-device accounting.
         self.acc = {k: np.zeros(n) for k in ("events", "scored", "no_context", "ndcg", "hit", "flops", "params",
                                              "requests", "bytes_up", "bytes_down", "offline_deferred",
-                                             "no_model", "download_retries", "budget_violations", "over_budget_events", "request_flops")}
+                                             "no_model", "download_retries", "budget_violations", "over_budget_events",
+                                             "request_flops", "bytes_first")}
         self.block_events = np.zeros((n, self.L))  # scored events with block k in the model held
         self.ema = float(cfg.sim.ema)
         self.sent_budget = np.full((n, 2), np.inf)  # (FLOPs, params) of each device's last request
@@ -84,12 +86,14 @@ class Shard:
             self.blocks[:] = True
             self.has_model[:] = True
             self.acc["bytes_down"] += self._model_bytes(self.blocks)
+            self.acc["bytes_first"] += self._model_bytes(self.blocks)
             return self._no_requests()
         # What every device installs once besides its blocks: embeddings, final LayerNorm, and the
         # on-device controller and extractor.
         on_device = [m for m in (self.model.controller, self.model.extractor) if m is not None]
         extra = cost.base_params(self.model.backbone) + sum(p.numel() for m in on_device for p in m.parameters())
         self.acc["bytes_down"] += extra * FLOAT_BYTES
+        self.acc["bytes_first"] += extra * FLOAT_BYTES
         return self._requests(np.arange(n), np.full(n, t0), ends=self.s.split[self.devices], bootstrap=True)
 
     # ---- one round ---------------------------------------------------------------------
@@ -147,6 +151,8 @@ class Shard:
             self.pending_at[j] = arrive[i]
             self.pending[j] = (d["blocks"][i].copy(), flats[i])
             self.acc["bytes_down"][j] += d["payload_bytes"][i]
+            if d["bootstrap"][i]:
+                self.acc["bytes_first"][j] += d["payload_bytes"][i]
             self.outstanding[j] = False
             if d["bootstrap"][i]:
                 self._install(j)
@@ -273,8 +279,12 @@ class Shard:
             self.events_since[js] += 1
             self.sessions_since[js] += new_session
             self.interest[js] = (1 - ema) * self.interest[js] + ema * self.emb[self.ids[e]]
-            self.entropy[js] = np.where(scored, (1 - ema) * self.entropy[js] + ema * ent[out], self.entropy[js])
-            self.hit_rate[js] = np.where(scored, (1 - ema) * self.hit_rate[js] + ema * hit[out], self.hit_rate[js])
+            # Moving averages of the prediction signals; a plain mean over the first 1/ema events so
+            # that a device's first values are not biased towards zero.
+            self.signal_n[js] += scored
+            w = np.where(scored, np.maximum(ema, 1.0 / np.maximum(self.signal_n[js], 1)), 0.0)
+            self.entropy[js] = (1 - w) * self.entropy[js] + w * ent[out]
+            self.hit_rate[js] = (1 - w) * self.hit_rate[js] + w * hit[out]
             max_f, max_p = budgets(self.fleet, g, t, lat, mem)
             acc["over_budget_events"][js] += scored & (self._flops_used[out] > max_f)
             view = DeviceView(device=g, index=js, now=t, events_since_request=self.events_since[js],
@@ -317,6 +327,8 @@ class Shard:
         up_bytes = (beta_np[0].size + h_np.shape[1] + 2) * FLOAT_BYTES
         upload = np.zeros(len(js)) if bootstrap else self.fleet.transfer_time(g, t, up_bytes, uplink=True)
         self.acc["bytes_up"][js] += up_bytes
+        if bootstrap:
+            self.acc["bytes_first"][js] += up_bytes
         self.acc["requests"][js] += 0 if bootstrap else 1
         self.acc["request_flops"][js] += self._encode_flops(H)
         self.outstanding[js] = True

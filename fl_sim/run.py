@@ -120,7 +120,8 @@ def write_results(cfg, out: Path, rec: Recorder, streams, cloud, n_shards, cache
     if streams.inter.shifts is not None:  # ground truth of synthetic data: when each device's interests moved
         shifts = streams.inter.shifts[["device", "time"]].copy()
         d, ind = shifts["device"].to_numpy(), streams.inter.indptr
-        last_history = np.where(streams.split[d] > ind[d], streams.inter.ts[np.maximum(streams.split[d] - 1, 0)], -np.inf)
+        has_history = streams.split[d] > ind[d]
+        last_history = np.where(has_history, streams.inter.ts[np.maximum(streams.split[d] - 1, 0)], -np.inf)
         shifts = shifts[shifts["time"].to_numpy() > last_history].reset_index(drop=True)  # during the stream
         d = shifts["device"].to_numpy()
         shifts["event"] = stream_ordinal(streams, d, shifts["time"].to_numpy())
@@ -137,6 +138,10 @@ def write_results(cfg, out: Path, rec: Recorder, streams, cloud, n_shards, cache
         "bytes_down": float(table["bytes_down"].sum()),
         "bytes_per_device_per_day": float((table["bytes_up"].sum() + table["bytes_down"].sum())
                                           / len(table) / max(sim_time / 86400, 1e-9)),
+        "bytes_first_model": float(table["bytes_first"].sum()),  # the download at deployment
+        "update_bytes_per_device_per_day": float((table["bytes_up"].sum() + table["bytes_down"].sum()
+                                                  - table["bytes_first"].sum()) / len(table)
+                                                 / max(sim_time / 86400, 1e-9)),
         "mean_flops_per_inference": float(table["flops"].sum() / max(scored, 1)),
         "mean_params_on_device": float(table["params"].sum() / max(scored, 1)),
         "budget_violations": int(table["budget_violations"].sum()),

@@ -86,6 +86,7 @@ def make_server_app(recorder: Recorder, schedule: Schedule, deliver=None) -> Ser
     def main(grid: Grid, context) -> None:
         if hasattr(grid, "pull_interval"):  # the in-memory grid polls for replies; 0.1 s a round adds up
             grid.pull_interval = 0.005
-        CloudStrategy(recorder, schedule, deliver).start(grid, ArrayRecord(), num_rounds=schedule.rounds + 1, timeout=86_400)
+        CloudStrategy(recorder, schedule, deliver).start(grid, ArrayRecord(), num_rounds=schedule.rounds + 1,
+                                                         timeout=86_400)
 
     return app

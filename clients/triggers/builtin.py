@@ -72,7 +72,7 @@ class Uncertainty(Trigger):
     `hit_floor`; both are the device's moving averages. At least `min_events` since the last
     request, so one bad stretch costs one request."""
 
-    def __init__(self, entropy: float = 5.0, hit_floor: float = 0.0, min_events: int = 3):
+    def __init__(self, entropy: float = 3.6, hit_floor: float = 0.0, min_events: int = 5):
         if entropy <= 0 or not 0 <= hit_floor <= 1 or min_events < 0:
             raise ValueError("trigger: entropy must be > 0, hit_floor in [0, 1], min_events >= 0")
         self.entropy, self.hit_floor, self.min_events = entropy, hit_floor, min_events

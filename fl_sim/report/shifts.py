@@ -39,3 +39,15 @@ def shift_scores(requests: pd.DataFrame, shifts: pd.DataFrame, horizon: int = 10
             "requests": len(req), "requests_after_shift": int(precise.sum()),
             "shift_precision": float(precise.mean()) if len(req) else float("nan"),
             "requests_per_shift": len(req) / len(inside) if len(inside) else float("nan")}
+
+
+def delays(requests: pd.DataFrame, shifts: pd.DataFrame) -> np.ndarray:
+    """For each shift followed by a request of its device: events from the shift to that request
+    (1 = at the first event after it)."""
+    if len(requests) == 0 or len(shifts) == 0:
+        return np.zeros(0)
+    a = shifts[["device"]].assign(key=shifts["event"].astype(np.int64) + 1).sort_values("key", kind="stable")
+    b = requests[["device"]].assign(key=requests["event"].astype(np.int64), req=requests["event"].astype(np.int64))
+    m = pd.merge_asof(a, b.sort_values("key", kind="stable"), on="key", by="device", direction="forward")
+    d = (m["req"] - m["key"] + 1).dropna().to_numpy()
+    return d

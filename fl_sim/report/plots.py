@@ -1,0 +1,117 @@
+"""The report's figures (PNG): the Pareto view, accuracy by tier and link, request timing
+against ground-truth shifts, block usage and sub-model size by tier."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from fl_sim.report.load import Run  # noqa: E402
+from fl_sim.report.shifts import delays  # noqa: E402
+
+
+def pareto(table: pd.DataFrame, out: Path) -> Path:
+    """NDCG@10 against the bytes each device spends a day on model updates after deployment
+    (the first download is the same for every trigger); the frontier joins the runs that
+    nothing beats on both."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    x = table["update_bytes_per_device_day"].fillna(table["bytes_per_device_day"]).to_numpy()
+    y = table["ndcg10"].to_numpy()
+    ax.scatter(x, y, zorder=3)
+    for xi, yi, lab in zip(x, y, table["run"]):
+        ax.annotate(lab, (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    order = np.argsort(x)
+    front, best = [], -np.inf
+    for i in order:
+        if y[i] > best:
+            front.append(i)
+            best = y[i]
+    ax.plot(x[front], y[front], "--", color="gray", zorder=2, label="Pareto frontier")
+    ax.set_xscale("symlog", linthresh=1e3)
+    ax.set(xlabel="update bytes per device per day", ylabel="fleet NDCG@10",
+           title="Accuracy against communication")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    path = out / "pareto.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def by_group(groups: pd.DataFrame, out: Path) -> Path | None:
+    """NDCG@10 by device tier and by link class, one bar per run."""
+    if groups.empty:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, kind in zip(axes, ("tier", "link_class")):
+        pivot = groups[groups["by"] == kind].pivot(index="group", columns="run", values="ndcg10")
+        pivot.plot.bar(ax=ax, rot=0, legend=kind == "link_class")
+        ax.set(xlabel=kind.replace("_", " "), ylabel="NDCG@10", title=f"NDCG@10 by {kind.replace('_', ' ')}")
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    path = out / "by_tier_and_link.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def shifts(runs: list[Run], labels: list[str], table: pd.DataFrame, out: Path, horizon: int) -> Path | None:
+    """Recall and precision of each trigger against the true shifts, and how many events after
+    a shift each device's next request came."""
+    if "shift_recall" not in table.columns:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    idx = np.arange(len(table))
+    axes[0].bar(idx - 0.2, table["shift_recall"], 0.4, label=f"recall (within {horizon} events)")
+    axes[0].bar(idx + 0.2, table["shift_precision"], 0.4, label="precision")
+    for i, rps in zip(idx, table["requests_per_shift"]):
+        axes[0].annotate(f"{rps:.2g} req/shift", (i, 0.02), ha="center", fontsize=7, rotation=90, color="white")
+    axes[0].set_xticks(idx, table["run"], rotation=20, ha="right", fontsize=8)
+    axes[0].set(ylim=(0, 1), title="Requests against true interest shifts")
+    axes[0].legend(fontsize=8)
+    for run, label in zip(runs, labels):
+        req, sh = run.table("requests"), run.table("shifts")
+        if req is None or sh is None:
+            continue
+        d = np.sort(delays(req, sh))
+        if len(d):
+            axes[1].step(d, np.arange(1, len(d) + 1) / len(sh), where="post", label=label)
+    axes[1].axvline(horizon, color="gray", ls=":")
+    axes[1].set(xscale="symlog", xlabel="events from a shift to the device's next request",
+                ylabel="share of shifts", title="Time to react")
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    path = out / "shifts.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def blocks(groups: pd.DataFrame, out: Path) -> Path | None:
+    """Block usage and sub-model size by device tier (one row of panels per run)."""
+    usage_cols = [c for c in groups.columns if c.startswith("usage_block_")] if not groups.empty else []
+    tiers = groups[groups["by"] == "tier"] if usage_cols else groups
+    runs = list(dict.fromkeys(tiers["run"])) if usage_cols else []
+    if not runs:
+        return None
+    runs = runs[:6]
+    fig, axes = plt.subplots(len(runs), 2, figsize=(10, 3 * len(runs)), squeeze=False)
+    for row, run in zip(axes, runs):
+        t = tiers[tiers["run"] == run]
+        for _, g in t.iterrows():
+            row[0].plot(np.arange(len(usage_cols)), g[usage_cols].to_numpy(dtype=float), marker="o", label=g["group"])
+        row[0].set(xlabel="block", ylabel="share of events held", ylim=(0, 1.05), title=f"{run}: block usage by tier")
+        row[0].legend(fontsize=7)
+        row[1].bar(t["group"], t["kparams_on_device"])
+        row[1].set(ylabel="thousand parameters on device", title=f"{run}: sub-model size by tier")
+    fig.tight_layout()
+    path = out / "blocks_by_tier.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
