@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from fl_sim import protocol, runfiles
-from fl_sim.models.assemble import Budget, assemble
+from fl_sim.models.assemble import assemble_batch
 from fl_sim.models.forward_ofa import argmax_gate
 
 
@@ -26,31 +26,25 @@ class Cloud:
     @torch.no_grad()
     def answer(self, req: dict, batch_time: float) -> dict:
         """Deliveries for the requests gathered up to `batch_time` (the round's end)."""
-        n = len(req["device"])
-        if n == 0:
+        if len(req["device"]) == 0:
             return protocol.empty_deliveries(self.L)
         beta = torch.from_numpy(req["beta"])
-        gate = argmax_gate(beta)
         h = torch.from_numpy(req["h"]) if req["h"].shape[1] else None
-        budgets = [Budget(f, p) for f, p in zip(req["max_flops"], req["max_params"])]
-        subs = assemble(self.model, beta if self.model.controller is not None else None, gate, h, budgets)
-        fits = np.array([s.fits for s in subs])
-        self.counts["unservable"] += int((~fits).sum())
-        self.counts["answered"] += int(fits.sum())
-        self.counts["bootstrap"] += int((fits & req["bootstrap"]).sum())
-        keep = np.flatnonzero(fits)
+        a = assemble_batch(self.model, beta if self.model.controller is not None else None, argmax_gate(beta), h,
+                           req["max_flops"], req["max_params"])
+        self.counts["unservable"] += int((~a.fits).sum())
+        self.counts["answered"] += int(a.fits.sum())
+        self.counts["bootstrap"] += int((a.fits & req["bootstrap"]).sum())
+        keep = np.flatnonzero(a.fits)
+        new_index = np.full(len(a.fits), -1)
+        new_index[keep] = np.arange(len(keep))
         answer_time = np.where(req["bootstrap"], req["ready_time"],
                                np.maximum(req["ready_time"], batch_time) + self.latency)
-        blocks = np.zeros((len(keep), self.L), dtype=bool)
-        for i, s in enumerate(keep):
-            blocks[i, subs[s].blocks] = True
-        out = {"device": req["device"][keep], "answer_time": answer_time[keep], "blocks": blocks,
-               "payload_bytes": np.array([subs[s].payload_bytes(self.model) for s in keep], dtype=np.int64),
-               "bootstrap": req["bootstrap"][keep]}
-        for k in range(self.L):
-            rows = np.flatnonzero(blocks[:, k])
-            if len(rows) and self.model.mapper is not None:
-                pos = [subs[keep[r]].blocks.index(k) for r in rows]
-                out[f"rows_{k}"] = rows
-                out[f"flat_{k}"] = torch.stack([subs[keep[r]].flat[p] for r, p in zip(rows, pos)]).numpy()
+        out = {"device": req["device"][keep], "answer_time": answer_time[keep], "blocks": a.keep[keep],
+               "payload_bytes": a.payload_bytes[keep].astype(np.int64), "bootstrap": req["bootstrap"][keep]}
+        if self.model.mapper is not None:  # shared weights (no mapper) are on the device already
+            for k, rows in a.rows.items():
+                served = a.fits[rows]
+                out[f"rows_{k}"] = new_index[rows[served]]
+                out[f"flat_{k}"] = a.flat[k][torch.from_numpy(served)].numpy() if not served.all() else a.flat[k].numpy()
         return out

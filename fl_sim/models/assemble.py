@@ -69,37 +69,65 @@ def select_blocks(model: Recommender, gate: np.ndarray, margin: np.ndarray, max_
     return keep
 
 
+@dataclass
+class Assembly:
+    """A batch of sub-models, by block: keep [N,L]; for block k, rows[k] (the requests keeping
+    it) and flat[k] [len(rows[k]), P_k] their weight vectors; per request its cost."""
+
+    keep: np.ndarray
+    rows: dict[int, np.ndarray]
+    flat: dict[int, torch.Tensor]
+    wanted: np.ndarray
+    fits: np.ndarray
+    flops: np.ndarray
+    params: np.ndarray
+    shipped_params: np.ndarray
+    payload_bytes: np.ndarray
+
+
 @torch.no_grad()
-def assemble(model: Recommender, beta: Optional[torch.Tensor], gate: torch.Tensor, h: Optional[torch.Tensor],
-             budgets: Sequence[Budget]) -> list[SubModel]:
-    """Sub-models for N requests: beta [N,L,2] (None for fixed structures), gate [N,L], h [N,H]."""
+def assemble_batch(model: Recommender, beta: Optional[torch.Tensor], gate: torch.Tensor, h: Optional[torch.Tensor],
+                   max_flops: np.ndarray, max_params: np.ndarray, precision: str = "fp32") -> Assembly:
+    """N requests at once: beta [N,L,2] (None for fixed structures), gate [N,L], h [N,H]; one
+    matrix product per block for every request keeping it."""
     bb = model.backbone
-    n = gate.shape[0]
     margin = (beta[..., 0] - beta[..., 1]) if beta is not None else gate
-    max_f = np.array([b.max_flops for b in budgets], dtype=np.float64)
-    max_p = np.array([b.max_params for b in budgets], dtype=np.float64)
+    max_f, max_p = np.asarray(max_flops, dtype=np.float64), np.asarray(max_params, dtype=np.float64)
     keep = select_blocks(model, gate.numpy(), margin.numpy(), max_f, max_p)
-    flat: list[list[torch.Tensor]] = [[] for _ in range(n)]
+    rows, flat = {}, {}
     for k in range(bb.n_blocks):
-        rows = np.flatnonzero(keep[:, k])
-        if not len(rows):
+        r = np.flatnonzero(keep[:, k])
+        if not len(r):
             continue
+        rows[k] = r
         if model.mapper is not None:
-            out = model.mapper.block_flat(bb.blocks[k], k, h[torch.from_numpy(rows)])
-            for j, i in enumerate(rows.tolist()):
-                flat[i].append(out[j])
+            flat[k] = model.mapper.block_flat(bb.blocks[k], k, h[torch.from_numpy(r)])
         else:
-            shared = bb.blocks[k].flat_shared()
-            for i in rows.tolist():
-                flat[i].append(shared)
+            flat[k] = bb.blocks[k].flat_shared().expand(len(r), -1)
     f, p = cost.per_block(bb)
     flops = cost.inference_flops(bb, []) + keep @ f
     shipped = keep @ p
     params = cost.base_params(bb) + shipped
-    wanted = (gate.numpy() >= 0.5).sum(1)
-    return [SubModel(blocks=np.flatnonzero(keep[i]).tolist(), flat=flat[i], wanted=int(wanted[i]),
-                     fits=bool(flops[i] <= max_f[i] and params[i] <= max_p[i]), flops=int(flops[i]),
-                     params=int(params[i]), shipped_params=int(shipped[i])) for i in range(n)]
+    tensors = keep @ np.array([len(b.shapes) for b in bb.blocks])
+    return Assembly(keep=keep, rows=rows, flat=flat, wanted=(gate.numpy() >= 0.5).sum(1),
+                    fits=(flops <= max_f) & (params <= max_p), flops=flops, params=params,
+                    shipped_params=shipped,
+                    payload_bytes=cost.payload_bytes(shipped.astype(np.int64), tensors, precision))
+
+
+@torch.no_grad()
+def assemble(model: Recommender, beta: Optional[torch.Tensor], gate: torch.Tensor, h: Optional[torch.Tensor],
+             budgets: Sequence[Budget]) -> list[SubModel]:
+    """Sub-models for N requests, one object each (see assemble_batch for the batched form)."""
+    a = assemble_batch(model, beta, gate, h, np.array([b.max_flops for b in budgets], dtype=np.float64),
+                       np.array([b.max_params for b in budgets], dtype=np.float64))
+    flat: list[list[torch.Tensor]] = [[] for _ in range(gate.shape[0])]
+    for k, r in a.rows.items():
+        for j, i in enumerate(r.tolist()):
+            flat[i].append(a.flat[k][j])
+    return [SubModel(blocks=np.flatnonzero(a.keep[i]).tolist(), flat=flat[i], wanted=int(a.wanted[i]),
+                     fits=bool(a.fits[i]), flops=int(a.flops[i]), params=int(a.params[i]),
+                     shipped_params=int(a.shipped_params[i])) for i in range(gate.shape[0])]
 
 
 @torch.no_grad()
