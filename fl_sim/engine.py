@@ -8,7 +8,6 @@ every backend, so a seed gives the same results whichever runs it.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 
@@ -19,18 +18,35 @@ from fl_sim import protocol
 
 @dataclass
 class Schedule:
+    """Windows of `round_s` simulated seconds from t0; rounds run only the windows in which
+    some device has an event (`windows`, their indices). Skipping an empty window changes no
+    result: every time in the simulation (answers, downloads, retries) is simulated time."""
+
     t0: float
     round_s: float
-    rounds: int
+    windows: np.ndarray
+
+    @property
+    def rounds(self) -> int:
+        return len(self.windows)
+
+    @property
+    def span_s(self) -> float:
+        """Simulated time covered by the rounds run."""
+        return float(self.windows[-1] + 1) * self.round_s if len(self.windows) else 0.0
 
     def window(self, r: int) -> tuple[float, float]:
-        return self.t0 + r * self.round_s, self.t0 + (r + 1) * self.round_s
+        w = int(self.windows[r])
+        return self.t0 + w * self.round_s, self.t0 + (w + 1) * self.round_s
+
+    def truncate(self, rounds: int) -> None:
+        self.windows = self.windows[:rounds]
 
 
 def schedule(ts_stream: np.ndarray, round_s: float) -> Schedule:
     t0 = float(ts_stream.min())
-    rounds = max(1, math.ceil((float(ts_stream.max()) - t0 + 1e-6) / round_s))
-    return Schedule(t0=t0, round_s=round_s, rounds=rounds)
+    windows = np.unique(np.floor((ts_stream - t0) / round_s).astype(np.int64))
+    return Schedule(t0=t0, round_s=round_s, windows=windows)
 
 
 def route(deliveries: dict, n_shards: int, n_blocks: int) -> list[dict]:

@@ -74,7 +74,7 @@ def _simulate(cfg: DictConfig, out: Path, backend, start: float, memory: PeakMem
     runfiles.write(run_dir, cfg, streams, model, fp)
     sched = schedule(stream_times(streams), float(cfg.sim.round_s))
     if cfg.sim.max_rounds:
-        sched.rounds = min(sched.rounds, int(cfg.sim.max_rounds))
+        sched.truncate(int(cfg.sim.max_rounds))
     n_shards = backend.n_shards
     if inter.n_users < n_shards:
         raise ConfigError(f"sim.nodes={n_shards} shards for {inter.n_users} devices: use at most one shard per device")
@@ -128,7 +128,7 @@ def write_results(cfg, out: Path, rec: Recorder, streams, cloud, n_shards, cache
         shifts["events_after"] = ind[1:][d] - streams.split[d] - shifts["event"]
         shifts.to_parquet(out / "shifts.parquet", index=False)
     scored = float(table["scored"].sum())
-    sim_time = rec.sched.rounds * rec.sched.round_s
+    sim_time = rec.sched.span_s
     summary = {
         "num_devices": int(streams.inter.n_users), "rounds": rec.sched.rounds,
         "ndcg10": float(table["ndcg"].sum() / max(scored, 1)), "hit10": float(table["hit"].sum() / max(scored, 1)),
