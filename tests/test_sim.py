@@ -29,7 +29,7 @@ def test_summary_contract_and_accounting(tmp_path, cache):
                 "bytes_up", "bytes_down", "mean_flops_per_inference", "mean_params_on_device",
                 "budget_violations", "sim_time_s", "wall_s", "peak_rss_mb", "backend", "nodes"):
         assert key in summary, key
-    assert summary["num_devices"] == 40 and summary["rounds"] == 24
+    assert summary["num_devices"] == 40 and 0 < summary["rounds"] <= 24  # windows without events are skipped
     assert summary["events_total"] == (summary["events_evaluated"] + summary["events_no_context"]
                                        + summary["events_no_model"])
     assert summary["events_evaluated"] > 0 and summary["requests"] > 0
@@ -38,7 +38,7 @@ def test_summary_contract_and_accounting(tmp_path, cache):
     assert len(devices) == 40 and {"tier", "link_class", "ndcg10", "requests"} <= set(devices.columns)
     assert devices["events"].sum() == summary["events_total"]
     rounds = pd.read_parquet(out / "rounds.parquet")
-    assert len(rounds) == 25 and rounds["requests"].sum() == summary["requests"]
+    assert len(rounds) == summary["rounds"] + 1 and rounds["requests"].sum() == summary["requests"]
     assert (out / "rounds.png").exists()
 
 
