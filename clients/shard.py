@@ -68,6 +68,9 @@ class Shard:
                                              "requests", "bytes_up", "bytes_down", "offline_deferred",
                                              "no_model", "download_retries", "budget_violations", "over_budget_events",
                                              "request_flops", "bytes_first")}
+        # Ranking over the full catalogue, or over each session's cached candidates.
+        self.num_candidates = int(cfg.sim.candidates) if cfg.sim.candidates != "full" else 0
+        self.cand = np.full((n, max(self.num_candidates, 1)), -1, dtype=np.int64)
         self.block_events = np.zeros((n, self.L))  # scored events with block k in the model held
         self.ema = float(cfg.sim.ema)
         self.sent_budget = np.full((n, 2), np.inf)  # (FLOPs, params) of each device's last request
@@ -216,7 +219,7 @@ class Shard:
             for e in range(e0, e1):
                 if e - 1 < first:  # nothing before it: cannot be scored
                     continue
-                targets.append((b, e - 1 - first, int(self.s.item[e]), out + e - e0))
+                targets.append((b, e - 1 - first, int(self.s.item[e]), out + e - e0, j, e))
         if not targets:
             return
         seq = left_pad(seqs, self.T)
@@ -241,7 +244,11 @@ class Shard:
         scores = bb.scores(hidden[b_idx, p_idx])
         tgt = torch.tensor([t[2] for t in targets])
         out = np.array([t[3] for t in targets])
-        rank = (scores > scores[torch.arange(len(tgt)), tgt].unsqueeze(1)).sum(1).numpy()
+        if self.num_candidates:
+            rank = self._rank_in_session_candidates(scores, tgt, np.array([t[4] for t in targets]),
+                                                    np.array([t[5] for t in targets]))
+        else:
+            rank = (scores > scores[torch.arange(len(tgt)), tgt].unsqueeze(1)).sum(1).numpy()
         logp = torch.log_softmax(scores, dim=1)
         ent[out] = -(logp.exp() * logp).sum(1).numpy()
         ndcg[out] = np.where(rank < 10, 1.0 / np.log2(rank + 2.0), 0.0)
@@ -251,6 +258,34 @@ class Shard:
         self._blocks_used[out] = kept
         flops_used[out] = cost.inference_flops(bb, []) + kept @ self.block_flops
         params_used[out] = cost.base_params(bb) + kept @ self.block_params
+
+    def _rank_in_session_candidates(self, scores, tgt, j, e) -> np.ndarray:
+        """Rank among the session's cached candidates: at a session's first event the device
+        caches the top `num_candidates` items of the model it holds then, and ranks every event
+        of the session among them with the model it holds at that event. A target outside the
+        cache is a miss. (A device without a cache yet starts one at its next scored event.)"""
+        n, C = len(tgt), self.num_candidates
+        g = self.devices[j]
+        starts = (e == self.s.split[g]) | (self.s.session[e] != self.s.session[np.maximum(e - 1, 0)])
+        idx = np.arange(n)
+        first_of_device = np.r_[True, j[1:] != j[:-1]]  # a device's targets are consecutive, in time order
+        starts |= first_of_device & (self.cand[j, 0] < 0)
+        top = torch.topk(scores[torch.from_numpy(np.flatnonzero(starts))], C, dim=1).indices
+        slot = np.cumsum(starts) - 1  # the row of `top` of the latest start at or before each target
+        device_first = np.maximum.accumulate(np.where(first_of_device, idx, 0))
+        latest = np.maximum.accumulate(np.where(starts, idx, -1))
+        own = latest >= device_first  # a start of the same device earlier in this batch
+        cand = torch.from_numpy(self.cand[j])
+        if own.any():
+            cand[torch.from_numpy(own)] = top[torch.from_numpy(slot[own])]
+        target_score = scores[torch.arange(n), tgt].unsqueeze(1)
+        rank = (scores.gather(1, cand) > target_score).sum(1).numpy()
+        inside = (cand == tgt.unsqueeze(1)).any(1).numpy()
+        s_idx = np.flatnonzero(starts)  # keep each device's latest cache for its later events
+        _, from_end = np.unique(j[s_idx][::-1], return_index=True)
+        pick = len(s_idx) - 1 - from_end
+        self.cand[j[s_idx[pick]]] = top.numpy()[pick]
+        return np.where(inside, rank, C)
 
     # ---- triggers ----------------------------------------------------------------------
     def _trigger_loop(self, active, lo, hi, ndcg, hit, ent, ctx):

@@ -53,6 +53,9 @@ def simulate(cfg: DictConfig) -> dict:
     if float(cfg.sim.round_s) <= 0:
         raise ConfigError(f"sim.round_s must be > 0, got {cfg.sim.round_s}")
     check_trigger(cfg)
+    cand = cfg.sim.candidates
+    if cand != "full" and not (isinstance(cand, int) and cand >= 10):
+        raise ConfigError(f"sim.candidates must be full or a number of items >= 10, got {cand!r}")
     out = output_dir()
     n_shards = max(1, min(int(cfg.sim.nodes or os.cpu_count() or 1), int(cfg.num_clients)))
     with PeakMemory() as memory:
@@ -75,6 +78,8 @@ def _simulate(cfg: DictConfig, out: Path, backend, start: float, memory: PeakMem
     sched = schedule(stream_times(streams), float(cfg.sim.round_s))
     if cfg.sim.max_rounds:
         sched.truncate(int(cfg.sim.max_rounds))
+    if cfg.sim.candidates != "full" and cfg.sim.candidates > inter.n_items:
+        raise ConfigError(f"sim.candidates={cfg.sim.candidates} exceeds the catalogue ({inter.n_items} items)")
     n_shards = backend.n_shards
     if inter.n_users < n_shards:
         raise ConfigError(f"sim.nodes={n_shards} shards for {inter.n_users} devices: use at most one shard per device")
