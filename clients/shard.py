@@ -20,6 +20,7 @@ from fl_sim import runfiles
 from fl_sim.devices import build_fleet
 from fl_sim.devices.budget import budgets
 from fl_sim.models import cost
+from fl_sim.models.finetune import finetune_blocks
 from fl_sim.training import left_pad
 
 FLOAT_BYTES = 4
@@ -40,7 +41,10 @@ class Shard:
         self.trigger.reset(n, cfg.seed)
         self.ids = self.s.item.astype(np.int64) + 1  # model ids
         self.emb = bb.item_emb.weight.detach().numpy()
-        self.shared = self.model.mapper is None
+        # finetune: no requests; the trigger decides when a device fine-tunes the cloud's model
+        # on its own recent items, on its own compute.
+        self.local_training = cfg.method.name == "finetune"
+        self.shared = self.model.mapper is None and not self.local_training
         # One model for everyone (device_rec): asking again would bring the same model.
         self.static = self.shared and self.model.spec.structure == "all"
         self.block_flops, self.block_params = cost.per_block(bb)
@@ -67,7 +71,7 @@ class Shard:
         self.acc = {k: np.zeros(n) for k in ("events", "scored", "no_context", "ndcg", "hit", "flops", "params",
                                              "requests", "bytes_up", "bytes_down", "offline_deferred",
                                              "no_model", "download_retries", "budget_violations", "over_budget_events",
-                                             "request_flops", "bytes_first")}
+                                             "request_flops", "bytes_first", "train_flops", "local_updates")}
         # Ranking over the full catalogue, or over each session's cached candidates.
         self.num_candidates = int(cfg.sim.candidates) if cfg.sim.candidates != "full" else 0
         self.cand = np.full((n, max(self.num_candidates, 1)), -1, dtype=np.int64)
@@ -85,11 +89,13 @@ class Shard:
             if len(recent):
                 self.interest[j] = self.emb[recent].mean(0)
         self.interest_at_request[:] = self.interest
-        if self.static:
+        if self.static or self.local_training:
             self.blocks[:] = True
             self.has_model[:] = True
             self.acc["bytes_down"] += self._model_bytes(self.blocks)
             self.acc["bytes_first"] += self._model_bytes(self.blocks)
+            if self.local_training:  # the first fine-tuning, on the history, before deployment
+                self._local_update(np.arange(n), np.full(n, t0), self.s.split[self.devices], before_start=True)
             return self._no_requests()
         # What every device installs once besides its blocks: embeddings, final LayerNorm, and the
         # on-device controller and extractor.
@@ -112,8 +118,43 @@ class Shard:
             return self._no_requests(), self._round_metrics(count, np.zeros(0), np.zeros(0))
         ndcg, hit, ent, ctx = self._score(active, lo, hi)
         req_j, req_t, req_end = self._trigger_loop(active, lo, hi, ndcg, hit, ent, ctx)
-        requests = self._requests(req_j, req_t, req_end) if len(req_j) else self._no_requests()
+        if self.local_training:
+            self._local_update(req_j, req_t, req_end)
+            requests = self._no_requests()
+        else:
+            requests = self._requests(req_j, req_t, req_end) if len(req_j) else self._no_requests()
         return requests, self._round_metrics(count, ndcg[ctx], hit[ctx])
+
+    def _local_update(self, js: np.ndarray, t: np.ndarray, ends: np.ndarray, before_start: bool = False) -> None:
+        """Fine-tune the cloud's model on each device's items before `ends`; the result is
+        installed when the device's compute has done the work (at once before deployment)."""
+        if len(js) == 0:
+            return
+        spec = self.cfg.method
+        bb = self.model.backbone
+        g = self.devices[js]
+        seqs = [self.ids[max(self.s.indptr[gi], e - self.T - 1):e] for gi, e in zip(g, ends)]
+        trainable = np.array([len(s) >= 2 for s in seqs])
+        flops = np.array([cost.train_flops(bb, len(s) - 1, int(spec.steps)) if ok else 0.0
+                          for s, ok in zip(seqs, trainable)])
+        self.acc["train_flops"][js] += flops
+        self.acc["local_updates"][js] += 0 if before_start else trainable
+        rate = self.fleet.compute[g] * self.fleet.free_compute(g, t)
+        done = t if before_start else t + flops / np.maximum(rate, 1.0)
+        all_blocks = np.ones(self.L, dtype=bool)
+        chunk = 64
+        for c0 in range(0, len(js), chunk):
+            part = np.flatnonzero(trainable[c0:c0 + chunk]) + c0
+            if len(part) == 0:
+                continue
+            flats = finetune_blocks(bb, [seqs[i] for i in part], int(spec.steps), float(spec.lr))
+            for r, i in enumerate(part):
+                j = js[i]
+                self.pending[j] = (all_blocks, {k: flats[k][r] for k in range(self.L)})
+                self.pending_at[j] = done[i]
+                self.outstanding[j] = True
+                if before_start:
+                    self._install(j)
 
     def _events_before(self, t: float) -> np.ndarray:
         hi = self.pos.copy()
@@ -165,6 +206,7 @@ class Shard:
         self.blocks[j], self.weights[j] = blocks, flats
         self.arrived[j] = self.pending_at[j]
         self.has_model[j] = True
+        self.outstanding[j] = False
         self.pending_at[j], self.pending[j] = np.inf, None
 
     # ---- prequential scoring -----------------------------------------------------------

@@ -149,6 +149,8 @@ def write_results(cfg, out: Path, rec: Recorder, streams, cloud, n_shards, cache
                                                  / max(sim_time / 86400, 1e-9)),
         "mean_flops_per_inference": float(table["flops"].sum() / max(scored, 1)),
         "mean_params_on_device": float(table["params"].sum() / max(scored, 1)),
+        "local_updates": int(table["local_updates"].sum()),  # on-device fine-tuning (method=finetune)
+        "train_flops_per_device_per_day": float(table["train_flops"].sum() / len(table) / max(sim_time / 86400, 1e-9)),
         "budget_violations": int(table["budget_violations"].sum()),
         "budget_unservable": cloud.counts["unservable"],
         "over_budget_events": int(table["over_budget_events"].sum()),

@@ -271,9 +271,7 @@ def finetune_evaluate(model: Recommender, data: OfflineData, stage: str, steps: 
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
-            T = len(hist) - 1
-            fwd = sum(cost.block_flops(b, T) for b in bb.blocks) + 2 * bb.d * bb.n_items * T
-            train_flops.append(3 * steps * fwd)
+            train_flops.append(cost.train_flops(bb, len(hist) - 1, steps))
         else:
             train_flops.append(0)
         res = evaluate(model, data, stage, protocol=protocol, exclude_seen=exclude_seen, seed=seed + int(j),

@@ -99,3 +99,22 @@ def test_session_candidates_in_a_run(tmp_path, cache):
     assert 0 < summary["hit10"] < 1
     res = run_module("fl_sim.run", *SMALL, "sim.candidates=5", f"output_dir={tmp_path / 'bad'}")
     assert res.returncode == 2 and "sim.candidates" in res.stderr
+
+
+def test_finetune_trains_on_device_whatever_the_sharding(tmp_path, cache):
+    one, _ = simulate(tmp_path, "ft1", "method=finetune", "sim.backend=inprocess", "sim.nodes=1", cache=cache)
+    three, _ = simulate(tmp_path, "ft3", "method=finetune", "sim.backend=inprocess", "sim.nodes=3", cache=cache)
+    assert one["requests"] == 0 and one["bytes_up"] == 0  # nothing asked of the cloud
+    assert one["local_updates"] > 0 and one["train_flops_per_device_per_day"] > 0
+    assert one["events_no_model"] == 0
+    for key in ("local_updates", "events_evaluated", "bytes_down"):
+        assert one[key] == three[key], key
+    assert one["ndcg10"] == pytest.approx(three["ndcg10"], rel=1e-6)
+
+
+def test_duet_requests_full_structures(tmp_path, cache):
+    summary, out = simulate(tmp_path, "duet", "method=duet", "sim.backend=inprocess", cache=cache)
+    assert summary["requests"] > 0 and summary["budget_violations"] == 0
+    devices = pd.read_parquet(out / "devices.parquet")
+    held = devices[[c for c in devices.columns if c.startswith("block_")]].sum()
+    assert (held > 0).all()  # every block is used (no structure selection), where budgets allow

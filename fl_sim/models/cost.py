@@ -62,3 +62,10 @@ def payload_bytes(n_params: int, n_tensors: int, precision: str = "fp32") -> int
 
 def gru_flops(d_in: int, hidden: int, steps: int) -> int:
     return steps * 6 * hidden * (d_in + hidden)
+
+
+def train_flops(backbone, length: int, steps: int) -> float:
+    """On-device fine-tuning: forward and backward (about 3x a forward pass) over every
+    position of a sequence of `length`, the catalogue softmax included, `steps` times."""
+    fwd = sum(block_flops(b, length) for b in backbone.blocks) + 2 * backbone.d * backbone.n_items * length
+    return 3.0 * steps * fwd
