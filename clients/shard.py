@@ -71,7 +71,8 @@ class Shard:
         self.acc = {k: np.zeros(n) for k in ("events", "scored", "no_context", "ndcg", "hit", "flops", "params",
                                              "requests", "bytes_up", "bytes_down", "offline_deferred",
                                              "no_model", "download_retries", "budget_violations", "over_budget_events",
-                                             "request_flops", "bytes_first", "train_flops", "local_updates")}
+                                             "request_flops", "bytes_first", "train_flops", "local_updates",
+                                             "not_served")}
         # Ranking over the full catalogue, or over each session's cached candidates.
         self.num_candidates = int(cfg.sim.candidates) if cfg.sim.candidates != "full" else 0
         self.cand = np.full((n, max(self.num_candidates, 1)), -1, dtype=np.int64)
@@ -165,6 +166,9 @@ class Shard:
 
     def _receive(self, d: dict) -> None:
         """Sub-models from the cloud: each starts downloading at its answer time."""
+        refused = np.searchsorted(self.devices, d.get("refused", np.zeros(0, np.int64)))
+        self.outstanding[refused] = False  # not served: the device may ask again
+        self.acc["not_served"][refused] += 1
         if len(d["device"]) == 0:
             return
         local = np.searchsorted(self.devices, d["device"])

@@ -52,13 +52,18 @@ def schedule(ts_stream: np.ndarray, round_s: float) -> Schedule:
 def route(deliveries: dict, n_shards: int, n_blocks: int) -> list[dict]:
     """Split the cloud's deliveries by owning shard (device d lives on shard d % n_shards)."""
     owner = deliveries["device"] % n_shards
-    return [protocol.select(deliveries, owner == s, n_blocks) for s in range(n_shards)]
+    parts = [protocol.select(deliveries, owner == s, n_blocks) for s in range(n_shards)]
+    refused = deliveries.get("refused", np.zeros(0, np.int64))
+    for s, part in enumerate(parts):
+        part["refused"] = refused[refused % n_shards == s]
+    return parts
 
 
 class Recorder:
     """The cloud's side of the loop: windows, deliveries per shard, the round's batch, results.
 
-    `cloud` is anything with `answer(requests, batch_time) -> deliveries` and `counts`.
+    `cloud` is anything with `admit(parts) -> requests`, `answer(requests, batch_time) ->
+    deliveries`, `counts` and `refused`.
     """
 
     def __init__(self, cloud, sched: Schedule, n_shards: int, n_blocks: int):
@@ -86,9 +91,7 @@ class Recorder:
         """parts: (shard, requests, metrics, device table or None) from each shard."""
         parts = sorted(parts, key=lambda p: p[0])
         self.failed_shards += self.n_shards - len({p[0] for p in parts})  # no reply, or an error reply
-        requests = protocol.concat([p[1] for p in parts]) if parts else {"device": np.zeros(0, np.int64)}
-        order = np.argsort(requests["device"], kind="stable")  # the batch does not depend on sharding
-        requests = {k: v[order] for k, v in requests.items()}
+        requests = self.cloud.admit([p[1] for p in parts])
         kind, t0, t1, _ = self.window(r)
         if len(requests["device"]):
             asked = ~requests["bootstrap"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from fl_sim.data import DeviceStreams, Interactions
@@ -34,6 +35,7 @@ def pretrained(cfg: DictConfig, streams: DeviceStreams, progress=None) -> tuple[
     n_items = streams.inter.n_items
     fp = fingerprint(cfg, n_items)
     path = Path(cfg.cache_dir).expanduser() / "pretrained" / f"{checkpoint.digest(fp)}.pt"
+    torch.manual_seed(cfg.seed)  # the initial weights: torch's own seed differs in every process
     model = build_model(cfg.model, cfg.method, n_items)
     if path.exists():
         try:

@@ -4,7 +4,8 @@ Cloud -> shard ("window" + "deliveries"): the round's window of simulated time a
 sub-models answering the shard's earlier requests:
   device [m] global ids, answer_time [m] s, blocks [m, L] bool, payload_bytes [m],
   bootstrap [m] (the first model, installed before deployment starts),
-  and per block k: rows_k [m_k] (indices into the m deliveries), flat_k [m_k, P_k] weights.
+  and per block k: rows_k [m_k] (indices into the m deliveries), flat_k [m_k, P_k] weights;
+  refused [k]: devices whose request was refused or could not be served (they may ask again).
 Shard -> cloud ("requests" + "metrics"): only (beta, h) and the budget, never item ids:
   device [r], time [r] (when the device asked), ready_time [r] (time + upload), beta [r, L, 2], h [r, H],
   max_flops [r], max_params [r], bootstrap [r].
@@ -18,7 +19,8 @@ import numpy as np
 
 def empty_deliveries(n_blocks: int) -> dict[str, np.ndarray]:
     return {"device": np.zeros(0, dtype=np.int64), "answer_time": np.zeros(0), "blocks": np.zeros((0, n_blocks), bool),
-            "payload_bytes": np.zeros(0, dtype=np.int64), "bootstrap": np.zeros(0, bool)}
+            "payload_bytes": np.zeros(0, dtype=np.int64), "bootstrap": np.zeros(0, bool),
+            "refused": np.zeros(0, dtype=np.int64)}
 
 
 def select(deliveries: dict[str, np.ndarray], mask: np.ndarray, n_blocks: int) -> dict[str, np.ndarray]:

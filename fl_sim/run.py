@@ -23,6 +23,7 @@ from tqdm import tqdm
 from fl_sim import runfiles
 from fl_sim.backends import BACKENDS
 from fl_sim.cli import CONF_DIR, friendly_errors, output_dir, write_json
+from fl_sim.config_check import check_ranges
 from fl_sim.data import build_streams, load_dataset, select_devices
 from fl_sim.devices import build_fleet
 from fl_sim.engine import Recorder, schedule
@@ -52,6 +53,7 @@ def simulate(cfg: DictConfig) -> dict:
         raise ConfigError(f"sim.backend must be ray or inprocess, got {cfg.sim.backend!r}")
     if float(cfg.sim.round_s) <= 0:
         raise ConfigError(f"sim.round_s must be > 0, got {cfg.sim.round_s}")
+    check_ranges(cfg)
     check_trigger(cfg)
     cand = cfg.sim.candidates
     if cand != "full" and not (isinstance(cand, int) and cand >= 10):
@@ -153,6 +155,8 @@ def write_results(cfg, out: Path, rec: Recorder, streams, cloud, n_shards, cache
         "train_flops_per_device_per_day": float(table["train_flops"].sum() / len(table) / max(sim_time / 86400, 1e-9)),
         "budget_violations": int(table["budget_violations"].sum()),
         "budget_unservable": cloud.counts["unservable"],
+        "requests_refused": dict(sorted(cloud.refused.items())),  # malformed, by reason
+        "requests_not_served": int(table["not_served"].sum()),  # refused or unservable, told to the device
         "over_budget_events": int(table["over_budget_events"].sum()),
         "offline_deferred": int(table["offline_deferred"].sum()),
         "download_retries": int(table["download_retries"].sum()),

@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from fl_sim.cli import CONF_DIR, friendly_errors, output_dir, write_json
+from fl_sim.config_check import check_ranges
 from fl_sim.data import load_dataset
 from fl_sim.errors import ConfigError
 from fl_sim.models import checkpoint, cost
@@ -36,6 +37,7 @@ def block_report(res: EvalResult, n_blocks: int) -> dict:
 
 
 def train_and_evaluate(cfg: DictConfig) -> dict:
+    check_ranges(cfg)
     if cfg.eval.payload not in PRECISIONS:
         raise ConfigError(f"eval.payload must be one of {list(PRECISIONS)}, got {cfg.eval.payload!r}")
     torch.manual_seed(cfg.seed)

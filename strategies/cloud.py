@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from fl_sim import protocol, runfiles
+from strategies import validate
 from fl_sim.models.assemble import assemble_batch
 from fl_sim.models.forward_ofa import argmax_gate
 
@@ -21,13 +22,56 @@ class Cloud:
         self.model = runfiles.load_model(run_dir)
         self.L = self.model.backbone.n_blocks
         self.latency = float(self.cfg.sim.cloud_latency_s)
+        self.h_dim = self.model.extractor.gru.hidden_size if self.model.extractor is not None else 0
+        self.n_devices = runfiles.load_streams(run_dir).n_devices
         self.counts = {"answered": 0, "unservable": 0, "bootstrap": 0}
+        self.refused: dict[str, int] = {}  # malformed requests by reason (strategies/validate.py)
+        self._told: list[np.ndarray] = []  # devices to tell their request was not served
+
+    def admit(self, parts: list[dict]) -> dict:
+        """The round's requests from every shard as one batch sorted by device (so the batch
+        does not depend on sharding), malformed ones refused and counted."""
+        good = []
+        for part in parts:
+            why = validate.check_part(part, self.L, self.h_dim)
+            if why is None:
+                good.append(part)
+                continue
+            dev = np.asarray(part.get("device", np.zeros(0)))
+            self._refuse(why, max(len(dev) if dev.ndim == 1 else 1, 1), dev if dev.ndim == 1 else None)
+        if not good:
+            return self.empty_requests()
+        req = protocol.concat(good)
+        order = np.argsort(req["device"], kind="stable")
+        req = {k: v[order] for k, v in req.items()}
+        reason = validate.check_rows(req, self.n_devices)
+        for why in np.unique(reason[reason != ""]):
+            self._refuse(str(why), int((reason == why).sum()), req["device"][reason == why])
+        ok = reason == ""
+        return {k: v[ok] for k, v in req.items()}
+
+    def _refuse(self, why: str, n: int, devices) -> None:
+        self.refused[why] = self.refused.get(why, 0) + n
+        if devices is not None and why not in ("unknown_device", "duplicate"):
+            dev = np.asarray(devices, dtype=np.int64)
+            self._told.append(dev[(dev >= 0) & (dev < self.n_devices)])
+
+    def empty_requests(self) -> dict:
+        return {"device": np.zeros(0, np.int64), "time": np.zeros(0), "ready_time": np.zeros(0),
+                "beta": np.zeros((0, self.L, 2), np.float32), "h": np.zeros((0, self.h_dim), np.float32),
+                "max_flops": np.zeros(0), "max_params": np.zeros(0), "bootstrap": np.zeros(0, bool)}
+
+    def _not_served(self, unservable: np.ndarray) -> np.ndarray:
+        told = np.concatenate([*self._told, unservable]).astype(np.int64)
+        self._told = []
+        return told
 
     @torch.no_grad()
     def answer(self, req: dict, batch_time: float) -> dict:
-        """Deliveries for the requests gathered up to `batch_time` (the round's end)."""
+        """Deliveries for the requests gathered up to `batch_time` (the round's end), and the
+        devices whose request was refused or could not be served (`refused`)."""
         if len(req["device"]) == 0:
-            return protocol.empty_deliveries(self.L)
+            return {**protocol.empty_deliveries(self.L), "refused": self._not_served(np.zeros(0, np.int64))}
         beta = torch.from_numpy(req["beta"])
         h = torch.from_numpy(req["h"]) if req["h"].shape[1] else None
         a = assemble_batch(self.model, beta if self.model.controller is not None else None, argmax_gate(beta), h,
@@ -41,7 +85,8 @@ class Cloud:
         answer_time = np.where(req["bootstrap"], req["ready_time"],
                                np.maximum(req["ready_time"], batch_time) + self.latency)
         out = {"device": req["device"][keep], "answer_time": answer_time[keep], "blocks": a.keep[keep],
-               "payload_bytes": a.payload_bytes[keep].astype(np.int64), "bootstrap": req["bootstrap"][keep]}
+               "payload_bytes": a.payload_bytes[keep].astype(np.int64), "bootstrap": req["bootstrap"][keep],
+               "refused": self._not_served(req["device"][~a.fits])}
         if self.model.mapper is not None:  # shared weights (no mapper) are on the device already
             for k, rows in a.rows.items():
                 served = a.fits[rows]

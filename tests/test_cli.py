@@ -9,7 +9,7 @@ import pytest
 
 from fl_sim.data import download
 from fl_sim.errors import DataError
-from helpers import run_module
+from helpers import make_cfg, run_module
 
 
 def test_data_command_ml100k(shared_data, tmp_path):
@@ -90,3 +90,23 @@ def test_download_checksum(tmp_path, monkeypatch):
     assert (folder / "u.data").read_text() == "1\t2\t3\t4\n"
     monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: pytest.fail("downloaded twice"))
     assert download.fetch("ml100k", tmp_path / "cache") == folder
+
+
+@pytest.mark.parametrize("override,named", [("sim.ema=0", "sim.ema"), ("sim.ema=1.5", "sim.ema"),
+                                            ("devices.memory_share=0", "devices.memory_share"),
+                                            ("model.dropout=2", "model.dropout"), ("num_clients=0", "num_clients"),
+                                            ("sim.round_s=-5", "sim.round_s"), ("train.batch=1.5", "train.batch"),
+                                            ("method.tau=0", "method.tau")])
+def test_out_of_range_values_are_refused(override, named):
+    from fl_sim.config_check import check_ranges
+    from fl_sim.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
+        check_ranges(make_cfg(override))
+    check_ranges(make_cfg())  # the defaults pass
+
+
+def test_run_refuses_out_of_range_with_the_key(tmp_path):
+    res = run_module("fl_sim.run", "sim.ema=2", f"output_dir={tmp_path}")
+    assert res.returncode == 2 and "error: sim.ema must be in (0, 1]" in res.stderr
+    assert "Traceback" not in res.stderr

@@ -118,3 +118,22 @@ def test_duet_requests_full_structures(tmp_path, cache):
     devices = pd.read_parquet(out / "devices.parquet")
     held = devices[[c for c in devices.columns if c.startswith("block_")]].sum()
     assert (held > 0).all()  # every block is used (no structure selection), where budgets allow
+
+
+def test_impossible_budgets_are_counted_not_fatal(tmp_path, cache):
+    """Memory for no model at all: every request is unservable, each device is told and keeps
+    ranking nothing; every event is accounted for."""
+    summary, _ = simulate(tmp_path, "tiny", "sim.backend=inprocess", "devices.memory_share=1e-9", cache=cache)
+    assert summary["budget_unservable"] > 0 and summary["requests_not_served"] == summary["budget_unservable"]
+    assert summary["events_no_model"] > 0 and summary["budget_violations"] == 0
+    assert summary["events_total"] == (summary["events_evaluated"] + summary["events_no_context"]
+                                       + summary["events_no_model"])
+
+
+def test_one_seed_fixes_a_run_pretraining_included(tmp_path):
+    """Two runs from empty caches (each pre-trains its own cloud model) give the same results."""
+    a, _ = simulate(tmp_path, "a", "sim.backend=inprocess", cache=tmp_path / "cache_a")
+    b, _ = simulate(tmp_path, "b", "sim.backend=inprocess", cache=tmp_path / "cache_b")
+    assert a["pretrain_cached"] is False and b["pretrain_cached"] is False
+    for key in ("ndcg10", "hit10", "requests", "bytes_down", "mean_flops_per_inference"):
+        assert a[key] == b[key], key

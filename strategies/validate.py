@@ -1,0 +1,48 @@
+"""The cloud's checks on incoming requests: a malformed request is refused with a named reason
+and counted; the rest of the batch is served.
+
+Reasons: `shape` (a shard's batch with missing keys or wrong array shapes), `unknown_device`,
+`duplicate` (a device asking twice in one batch: the first is served), `not_finite` (NaN or
+infinite beta, h or budget), `negative_budget`. A budget below even the block-free model is
+not malformed: the cloud counts it as `unservable` when it assembles.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+REQUEST_KEYS = ("device", "time", "ready_time", "beta", "h", "max_flops", "max_params", "bootstrap")
+
+
+def check_part(part: dict, n_blocks: int, h_dim: int) -> str | None:
+    """A whole shard's requests: None if well formed, else the reason."""
+    if not all(k in part for k in REQUEST_KEYS):
+        return "shape"
+    n = len(part["device"])
+    vectors = ("device", "time", "ready_time", "max_flops", "max_params", "bootstrap")
+    if any(np.ndim(part[k]) != 1 or len(part[k]) != n for k in vectors):
+        return "shape"
+    if np.shape(part["beta"]) != (n, n_blocks, 2) or np.shape(part["h"]) != (n, h_dim):
+        return "shape"
+    return None
+
+
+def check_rows(req: dict, n_devices: int) -> np.ndarray:
+    """Per request: '' if it may be served, else the reason it is refused."""
+    n = len(req["device"])
+    reason = np.full(n, "", dtype=object)
+
+    def mark(mask: np.ndarray, why: str) -> None:
+        reason[mask & (reason == "")] = why
+
+    dev = req["device"]
+    mark((dev < 0) | (dev >= n_devices), "unknown_device")
+    finite = (np.isfinite(req["beta"]).all(axis=(1, 2)) & np.isfinite(req["h"]).all(axis=1)
+              & ~np.isnan(req["max_flops"]) & ~np.isnan(req["max_params"]) & np.isfinite(req["ready_time"]))
+    mark(~finite, "not_finite")
+    mark((req["max_flops"] < 0) | (req["max_params"] < 0), "negative_budget")
+    seen = np.zeros(n, dtype=bool)
+    _, first = np.unique(dev, return_index=True)
+    seen[first] = True
+    mark(~seen, "duplicate")
+    return reason
