@@ -20,6 +20,9 @@ def shard_actor_name(tag: str, shard: int) -> str:
     return f"fl_sim-{tag}-shard-{shard}"
 
 
+_actors: dict = {}  # shard actor handles, looked up once per worker process
+
+
 def make_client_app(tag: str) -> ClientApp:
     app = ClientApp()
 
@@ -29,7 +32,8 @@ def make_client_app(tag: str) -> ClientApp:
 
         shard = int(context.node_config["partition-id"])
         window = msg.content["window"]
-        actor = ray.get_actor(shard_actor_name(tag, shard))
+        name = shard_actor_name(tag, shard)
+        actor = _actors.get(name) or _actors.setdefault(name, ray.get_actor(name))
         # Deliveries come inline, or were handed to the shard's actor through Ray's object store.
         deliveries = protocol.from_record(msg.content["deliveries"]) if "deliveries" in msg.content else None
         requests, metrics, table = ray.get(actor.call.remote(

@@ -47,7 +47,7 @@ class InProcess:
 
 
 class RayFlower:
-    """Started before the data is loaded so that Ray's processes come up meanwhile."""
+    """Ray and the shard actors start at construction; the shards load the run files later."""
 
     def __init__(self, cfg: DictConfig, n_shards: int):
         import ray
@@ -63,7 +63,7 @@ class RayFlower:
                      runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in paths if p)}})
         self.tag = uuid.uuid4().hex[:8]
         cpus = ray.cluster_resources().get("CPU", 1)
-        threads = max(1, int(cpus) // n_shards)
+        threads = int(cfg.sim.ray.threads or max(1, int(cpus) // n_shards))
         actor = ray.remote(num_cpus=0, max_concurrency=2)(ShardActor)
         self.actors = [actor.options(name=shard_actor_name(self.tag, s)).remote(s, n_shards, threads)
                        for s in range(n_shards)]

@@ -40,6 +40,7 @@ RANGES: dict[str, tuple] = {
     "sim.batch": (1, None, True, True),
     "sim.max_rounds": (1, None, True, True),
     "sim.nodes": (1, None, True, True),
+    "sim.ray.threads": (1, None, True, True),
     "sim.pretrain.max_minutes": (0, None, False, False),
     "sim.pretrain.max_epochs": (1, None, True, True),
     "sim.pretrain.patience": (1, None, True, True),

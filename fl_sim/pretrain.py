@@ -30,11 +30,17 @@ def fingerprint(cfg: DictConfig, n_items: int) -> dict:
     return fp
 
 
+def pretrained_path(cfg: DictConfig, streams: DeviceStreams) -> Path:
+    """Where the cloud's pre-trained model for this config is cached."""
+    digest = checkpoint.digest(fingerprint(cfg, streams.inter.n_items))
+    return Path(cfg.cache_dir).expanduser() / "pretrained" / f"{digest}.pt"
+
+
 def pretrained(cfg: DictConfig, streams: DeviceStreams, progress=None) -> tuple[Recommender, dict, bool]:
     """The trained model, its fingerprint, and whether it came from the cache."""
     n_items = streams.inter.n_items
     fp = fingerprint(cfg, n_items)
-    path = Path(cfg.cache_dir).expanduser() / "pretrained" / f"{checkpoint.digest(fp)}.pt"
+    path = pretrained_path(cfg, streams)
     torch.manual_seed(cfg.seed)  # the initial weights: torch's own seed differs in every process
     model = build_model(cfg.model, cfg.method, n_items)
     if path.exists():

@@ -29,7 +29,7 @@ from fl_sim.devices import build_fleet
 from fl_sim.engine import Recorder, schedule
 from fl_sim.errors import ConfigError
 from fl_sim.memory import PeakMemory
-from fl_sim.pretrain import pretrained, stream_times
+from fl_sim.pretrain import pretrained, pretrained_path, stream_times
 
 
 def check_trigger(cfg: DictConfig) -> None:
@@ -60,21 +60,29 @@ def simulate(cfg: DictConfig) -> dict:
         raise ConfigError(f"sim.candidates must be full or a number of items >= 10, got {cand!r}")
     out = output_dir()
     n_shards = max(1, min(int(cfg.sim.nodes or os.cpu_count() or 1), int(cfg.num_clients)))
+    backends: list = []  # at most one; a list so that it is closed whatever happens
     with PeakMemory() as memory:
-        backend = BACKENDS[cfg.sim.backend](cfg, n_shards)  # Ray comes up while the data loads
         try:
-            return _simulate(cfg, out, backend, start, memory)
+            return _simulate(cfg, out, n_shards, backends, start, memory)
         finally:
-            backend.close()
+            for backend in backends:
+                backend.close()
 
 
-def _simulate(cfg: DictConfig, out: Path, backend, start: float, memory: PeakMemory) -> dict:
+def _simulate(cfg: DictConfig, out: Path, n_shards: int, backends: list, start: float, memory: PeakMemory) -> dict:
     inter, _ = load_dataset(cfg.dataset, num_clients=cfg.num_clients, seed=cfg.seed, cache_dir=cfg.cache_dir)
     inter = select_devices(inter, cfg.num_clients, cfg.seed)
     streams = build_streams(inter, cfg.streams, cfg.seed)
+    # Ray comes up while the cached model loads; when the model must be trained, only after
+    # training, so that Ray's processes do not add to the training's peak memory.
+    if pretrained_path(cfg, streams).exists():
+        backends.append(BACKENDS[cfg.sim.backend](cfg, n_shards))
     bar = tqdm(desc="pre-train", unit="epoch", mininterval=0.5)
     model, fp, cached = pretrained(cfg, streams, progress=lambda row: bar.update(1))
     bar.close()
+    if not backends:
+        backends.append(BACKENDS[cfg.sim.backend](cfg, n_shards))
+    backend = backends[0]
     run_dir = out / ".sim"
     runfiles.write(run_dir, cfg, streams, model, fp)
     sched = schedule(stream_times(streams), float(cfg.sim.round_s))

@@ -33,10 +33,10 @@ def pareto(table: pd.DataFrame, out: Path) -> Path:
             front.append(i)
             best = y[i]
     ax.plot(x[front], y[front], "--", color="gray", zorder=2, label="Pareto frontier")
-    ax.set_xscale("symlog", linthresh=1e3)
+    ax.set_xscale("symlog", linthresh=max(float(np.min(x[x > 0], initial=1e3)) / 10, 1.0))  # 0 stays visible
     ax.set(xlabel="update bytes per device per day", ylabel="fleet NDCG@10",
            title="Accuracy against communication")
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
     path = out / "pareto.png"
     fig.savefig(path, dpi=120)
@@ -83,7 +83,7 @@ def shifts(runs: list[Run], labels: list[str], table: pd.DataFrame, out: Path, h
         if len(d):
             axes[1].step(d, np.arange(1, len(d) + 1) / len(sh), where="post", label=label)
     axes[1].axvline(horizon, color="gray", ls=":")
-    axes[1].set(xscale="symlog", xlabel="events from a shift to the device's next request",
+    axes[1].set(xscale="log", xlim=(0.9, None), xlabel="events from a shift to the device's next request",
                 ylabel="share of shifts", title="Time to react")
     axes[1].legend(fontsize=7)
     fig.tight_layout()
