@@ -16,6 +16,16 @@ def shared_data() -> Path:
     return data
 
 
+@pytest.fixture(scope="session")
+def shared_traces() -> Path:
+    traces = SHARED / "traces"
+    if not traces.is_dir():
+        if os.environ.get("CI"):
+            pytest.fail(f"shared traces not found at {traces} (set FL_SIM_SHARED)")
+        pytest.skip(f"shared traces not found at {traces}")
+    return traces
+
+
 @pytest.fixture
 def cache_dir(tmp_path) -> Path:
     return tmp_path / "cache"

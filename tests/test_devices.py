@@ -7,7 +7,7 @@ from fl_sim.devices import build_fleet, counter_rng
 from fl_sim.devices.budget import budgets
 from fl_sim.devices.links import bank_from_arrays, read_trace
 from fl_sim.errors import ConfigError, DataError
-from helpers import SHARED, make_cfg
+from helpers import make_cfg
 
 
 def brute_force_transfer(dur, mbps, start, nbytes, step=2e-4):
@@ -37,8 +37,8 @@ def test_transfer_time_integrates_the_trace():
 
 
 @pytest.mark.parametrize("devices", ["tiers", "traces"])
-def test_fleet_is_independent_of_fleet_size(devices):
-    over = [f"devices.path={SHARED / 'traces'}"] if devices == "traces" else []
+def test_fleet_is_independent_of_fleet_size(devices, request):
+    over = [f"devices.path={request.getfixturevalue('shared_traces')}"] if devices == "traces" else []
     cfg = make_cfg(f"devices={devices}", *over)
     small, large = build_fleet(cfg.devices, 50, seed=3), build_fleet(cfg.devices, 2000, seed=3)
     dev = np.arange(50)
