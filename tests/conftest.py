@@ -6,24 +6,24 @@ import pytest
 from helpers import SHARED
 
 
+def _shared(part: str) -> Path:
+    """A folder of ../shared (or $FL_SIM_SHARED): skipped where absent, a failure under CI."""
+    path = SHARED / part
+    if not path.is_dir():
+        if os.environ.get("CI"):
+            pytest.fail(f"shared {part} not found at {path} (set FL_SIM_SHARED)")
+        pytest.skip(f"shared {part} not found at {path}")
+    return path
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    data = SHARED / "data"
-    if not data.is_dir():
-        if os.environ.get("CI"):
-            pytest.fail(f"shared data not found at {data} (set FL_SIM_SHARED)")
-        pytest.skip(f"shared data not found at {data}")
-    return data
+    return _shared("data")
 
 
 @pytest.fixture(scope="session")
 def shared_traces() -> Path:
-    traces = SHARED / "traces"
-    if not traces.is_dir():
-        if os.environ.get("CI"):
-            pytest.fail(f"shared traces not found at {traces} (set FL_SIM_SHARED)")
-        pytest.skip(f"shared traces not found at {traces}")
-    return traces
+    return _shared("traces")
 
 
 @pytest.fixture

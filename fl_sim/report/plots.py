@@ -16,6 +16,13 @@ from fl_sim.report.load import Run  # noqa: E402
 from fl_sim.report.shifts import delays  # noqa: E402
 
 
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def pareto(table: pd.DataFrame, out: Path) -> Path:
     """NDCG@10 against the bytes each device spends a day on model updates after deployment
     (the first download is the same for every trigger); the frontier joins the runs that
@@ -37,11 +44,7 @@ def pareto(table: pd.DataFrame, out: Path) -> Path:
     ax.set(xlabel="update bytes per device per day", ylabel="fleet NDCG@10",
            title="Accuracy against communication")
     ax.legend(loc="best", fontsize=8)
-    fig.tight_layout()
-    path = out / "pareto.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "pareto.png")
 
 
 def by_group(groups: pd.DataFrame, out: Path) -> Path | None:
@@ -54,11 +57,7 @@ def by_group(groups: pd.DataFrame, out: Path) -> Path | None:
         pivot.plot.bar(ax=ax, rot=0, legend=kind == "link_class")
         ax.set(xlabel=kind.replace("_", " "), ylabel="NDCG@10", title=f"NDCG@10 by {kind.replace('_', ' ')}")
     axes[1].legend(fontsize=7)
-    fig.tight_layout()
-    path = out / "by_tier_and_link.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "by_tier_and_link.png")
 
 
 def shifts(runs: list[Run], labels: list[str], table: pd.DataFrame, out: Path, horizon: int) -> Path | None:
@@ -86,11 +85,7 @@ def shifts(runs: list[Run], labels: list[str], table: pd.DataFrame, out: Path, h
     axes[1].set(xscale="log", xlim=(0.9, None), xlabel="events from a shift to the device's next request",
                 ylabel="share of shifts", title="Time to react")
     axes[1].legend(fontsize=7)
-    fig.tight_layout()
-    path = out / "shifts.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "shifts.png")
 
 
 def blocks(groups: pd.DataFrame, out: Path) -> Path | None:
@@ -110,8 +105,4 @@ def blocks(groups: pd.DataFrame, out: Path) -> Path | None:
         row[0].legend(fontsize=7)
         row[1].bar(t["group"], t["kparams_on_device"])
         row[1].set(ylabel="thousand parameters on device", title=f"{run}: sub-model size by tier")
-    fig.tight_layout()
-    path = out / "blocks_by_tier.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "blocks_by_tier.png")
