@@ -16,7 +16,7 @@ import torch
 from hydra.utils import instantiate
 
 from clients.triggers import DeviceView
-from fl_sim import runfiles
+from fl_sim import protocol, runfiles
 from fl_sim.devices import build_fleet
 from fl_sim.devices.budget import budgets
 from fl_sim.models import cost
@@ -427,9 +427,7 @@ class Shard:
         return flops + (cost.gru_flops(d, hidden, self.W) if hidden else 0)
 
     def _no_requests(self) -> dict:
-        return {"device": np.zeros(0, dtype=np.int64), "time": np.zeros(0), "ready_time": np.zeros(0),
-                "beta": np.zeros((0, self.L, 2), np.float32), "h": np.zeros((0, self._h_dim()), np.float32),
-                "max_flops": np.zeros(0), "max_params": np.zeros(0), "bootstrap": np.zeros(0, bool)}
+        return protocol.empty_requests(self.L, self._h_dim())
 
     def _model_bytes(self, blocks: np.ndarray) -> np.ndarray:
         bb = self.model.backbone

@@ -23,6 +23,12 @@ def empty_deliveries(n_blocks: int) -> dict[str, np.ndarray]:
             "refused": np.zeros(0, dtype=np.int64)}
 
 
+def empty_requests(n_blocks: int, h_dim: int) -> dict[str, np.ndarray]:
+    return {"device": np.zeros(0, dtype=np.int64), "time": np.zeros(0), "ready_time": np.zeros(0),
+            "beta": np.zeros((0, n_blocks, 2), np.float32), "h": np.zeros((0, h_dim), np.float32),
+            "max_flops": np.zeros(0), "max_params": np.zeros(0), "bootstrap": np.zeros(0, bool)}
+
+
 def select(deliveries: dict[str, np.ndarray], mask: np.ndarray, n_blocks: int) -> dict[str, np.ndarray]:
     """The deliveries where mask is True (e.g. one shard's devices), re-indexing block rows."""
     keep = np.flatnonzero(mask)

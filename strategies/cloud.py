@@ -40,7 +40,7 @@ class Cloud:
             dev = np.asarray(part.get("device", np.zeros(0)))
             self._refuse(why, max(len(dev) if dev.ndim == 1 else 1, 1), dev if dev.ndim == 1 else None)
         if not good:
-            return self.empty_requests()
+            return protocol.empty_requests(self.L, self.h_dim)
         req = protocol.concat(good)
         order = np.argsort(req["device"], kind="stable")
         req = {k: v[order] for k, v in req.items()}
@@ -55,11 +55,6 @@ class Cloud:
         if devices is not None and why not in ("unknown_device", "duplicate"):
             dev = np.asarray(devices, dtype=np.int64)
             self._told.append(dev[(dev >= 0) & (dev < self.n_devices)])
-
-    def empty_requests(self) -> dict:
-        return {"device": np.zeros(0, np.int64), "time": np.zeros(0), "ready_time": np.zeros(0),
-                "beta": np.zeros((0, self.L, 2), np.float32), "h": np.zeros((0, self.h_dim), np.float32),
-                "max_flops": np.zeros(0), "max_params": np.zeros(0), "bootstrap": np.zeros(0, bool)}
 
     def _not_served(self, unservable: np.ndarray) -> np.ndarray:
         told = np.concatenate([*self._told, unservable]).astype(np.int64)
