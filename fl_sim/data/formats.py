@@ -155,9 +155,10 @@ def read_s3rec_txt(path: Path) -> pd.DataFrame:
                     raise DataError(f"{path}, line {lineno}: expected 'user item1 item2 ...', found no items: {line.strip()[:120]!r}")
                 try:
                     seq = np.array(parts, dtype=np.int64)
-                except ValueError:
-                    bad = next(p for p in parts if not _is_int(p))
-                    raise DataError(f"{path}, line {lineno}: {bad!r} is not an integer id: {line.strip()[:120]!r}") from None
+                except (ValueError, OverflowError):
+                    bad = next((p for p in parts if not _is_int(p)), None)
+                    what = f"{bad!r} is not an integer id" if bad else "an id is out of the 64-bit range"
+                    raise DataError(f"{path}, line {lineno}: {what}: {line.strip()[:120]!r}") from None
                 users.append(np.full(len(seq) - 1, seq[0], dtype=np.int64))
                 items.append(seq[1:])
     except FileNotFoundError:

@@ -147,8 +147,12 @@ def _real_phones(dcfg: DictConfig, dev: np.ndarray, seed: int):
         ram = np.array([float(str(p["RAM"]).upper().removesuffix("GB")) for p in phones])
     except FileNotFoundError:
         raise DataError(f"devices=traces: expected the phone table at {path} (set devices.path=)") from None
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise DataError(f"{path}: not the AI-Benchmark phone table ({exc})") from None
+    bad = np.flatnonzero(~np.isfinite(score) | (score <= 0) | ~np.isfinite(ram) | (ram <= 0))
+    if len(phones) == 0 or len(bad):
+        where = f"entry {bad[0]}: CPU_F_AI_Score and RAM must be positive" if len(bad) else "no phones"
+        raise DataError(f"{path}: not the AI-Benchmark phone table ({where})")
     pick = (counter_rng.uniform(seed, _PHONE, dev, 0) * len(phones)).astype(np.int64)
     compute = score[pick] * dcfg.flops_per_cpu_score
     cuts = np.quantile(score, [1 / 3, 2 / 3])

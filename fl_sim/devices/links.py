@@ -7,6 +7,7 @@ through, vectorised over devices (one searchsorted over the bank's cumulative by
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,12 +81,17 @@ def bank_from_arrays(traces: list[tuple[np.ndarray, np.ndarray]], names: list[st
 def read_trace(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """A `seconds \\t Mbps` trace file -> (sample durations, Mbit/s)."""
     try:
-        data = np.loadtxt(path, ndmin=2)
+        with warnings.catch_warnings():  # an empty file is refused below, with its name
+            warnings.simplefilter("ignore", UserWarning)
+            data = np.loadtxt(path, ndmin=2)
     except (OSError, ValueError) as exc:
         raise DataError(f"{path}: not a 'seconds Mbps' trace ({exc})") from None
     if data.shape[1] < 2 or len(data) < 2:
         raise DataError(f"{path}: a trace needs at least two 'seconds Mbps' lines")
     t, rate = data[:, 0], data[:, 1]
+    bad = np.flatnonzero(~np.isfinite(t) | ~np.isfinite(rate))
+    if len(bad):
+        raise DataError(f"{path}, line {bad[0] + 1}: not a finite number")
     dur = np.diff(t)
     bad = np.flatnonzero(dur <= 0)
     if len(bad):
