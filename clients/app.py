@@ -14,6 +14,7 @@ from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fl_sim import protocol
+from fl_sim.faults import INJECTED, ShardFault
 
 
 def shard_actor_name(tag: str, shard: int) -> str:
@@ -49,12 +50,19 @@ def make_client_app(tag: str) -> ClientApp:
     return app
 
 
-def run_shard_round(shard, kind: str, t0: float, t1: float, deliveries: dict, last: bool):
-    """One round of one shard, the same for every backend."""
+def run_shard_round(shard, kind: str, t0: float, t1: float, deliveries: dict, last: bool, round_: int):
+    """One round of one shard, the same for every backend. An injected fault (faults.shard_fail)
+    raises here, before the shard touches any device; a shard whose bootstrap failed
+    bootstraps at the start of its next round."""
+    if shard.faults.shard_fails(shard.index, round_):
+        raise ShardFault(f"{INJECTED}: shard {shard.index}, round {round_}")
     if kind == "bootstrap":
         requests, metrics = shard.bootstrap(t0), {}
     else:
+        late = shard.bootstrap(t0) if not shard.booted else None
         requests, metrics = shard.step(t0, t1, deliveries)
+        if late is not None:
+            requests = protocol.concat([late, requests])
     return requests, metrics, (shard.device_table() if last else None)
 
 
@@ -82,6 +90,18 @@ class ShardActor:
             self.shard = shard
             self.posted.notify_all()
 
+    def _loaded(self, wait_s: float = 600.0):
+        with self.posted:
+            if not self.posted.wait_for(lambda: self.shard is not None, timeout=wait_s):
+                raise RuntimeError(f"shard {self.index}: not loaded within {wait_s:.0f} s")
+        return self.shard
+
+    def save(self, path: str) -> None:
+        self._loaded().save(path)
+
+    def restore(self, path: str) -> None:
+        self._loaded().restore(path)
+
     def deliver(self, round_: int, deliveries: dict) -> None:
         with self.posted:
             self.mailbox[round_] = deliveries
@@ -98,4 +118,4 @@ class ShardActor:
                 if not self.posted.wait_for(lambda: round_ in self.mailbox, timeout=wait_s):
                     raise RuntimeError(f"shard {self.index}: no deliveries for round {round_} within {wait_s:.0f} s")
                 deliveries = self.mailbox.pop(round_)
-        return run_shard_round(self.shard, kind, t0, t1, deliveries, last)
+        return run_shard_round(self.shard, kind, t0, t1, deliveries, last, round_)

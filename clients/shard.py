@@ -8,15 +8,17 @@ resources (fl_sim.devices). What goes to the cloud is (beta, h) and the budget.
 
 from __future__ import annotations
 
-import math
+import zlib
 from pathlib import Path
 
 import numpy as np
 import torch
 from hydra.utils import instantiate
 
+from clients.download import COUNTS, download
 from clients.triggers import DeviceView
-from fl_sim import protocol, runfiles
+from fl_sim import faults, protocol, runfiles
+from fl_sim.faults import Faults
 from fl_sim.devices import build_fleet
 from fl_sim.devices.budget import budgets
 from fl_sim.models import cost
@@ -28,7 +30,8 @@ FLOAT_BYTES = 4
 
 class Shard:
     def __init__(self, run_dir: str | Path, shard: int, n_shards: int):
-        self.run_dir = str(run_dir)
+        self.run_dir, self.index = str(run_dir), shard
+        self.booted = False
         cfg = self.cfg = runfiles.load_config(self.run_dir)
         self.s = runfiles.load_streams(self.run_dir)
         self.model = runfiles.load_model(self.run_dir)
@@ -70,21 +73,38 @@ class Shard:
         # Per-device accounting.
         self.acc = {k: np.zeros(n) for k in ("events", "scored", "no_context", "ndcg", "hit", "flops", "params",
                                              "requests", "bytes_up", "bytes_down", "offline_deferred",
-                                             "no_model", "download_retries", "budget_violations", "over_budget_events",
+                                             "no_model", "budget_violations", "over_budget_events",
                                              "request_flops", "bytes_first", "train_flops", "local_updates",
-                                             "not_served")}
+                                             "not_served", "bytes_wasted", *COUNTS)}
         # Ranking over the full catalogue, or over each session's cached candidates.
         self.num_candidates = int(cfg.sim.candidates) if cfg.sim.candidates != "full" else 0
         self.cand = np.full((n, max(self.num_candidates, 1)), -1, dtype=np.int64)
         self.block_events = np.zeros((n, self.L))  # scored events with block k in the model held
         self.ema = float(cfg.sim.ema)
         self.sent_budget = np.full((n, 2), np.inf)  # (FLOPs, params) of each device's last request
+        self.downloads = np.zeros(n, dtype=np.int64)  # deliveries received so far (keys fault draws)
+        self.faults = Faults.from_cfg(cfg)
+
+    # ---- checkpoints (fl_sim.resume): everything a round changes ------------------------
+    FIXED = frozenset({"run_dir", "index", "cfg", "s", "model", "L", "T", "W", "devices", "fleet", "ids", "emb",
+                       "local_training", "shared", "static", "block_flops", "block_params", "num_candidates",
+                       "ema", "faults"})
+
+    def save(self, path: str) -> None:
+        state = {k: v for k, v in vars(self).items() if k not in self.FIXED and not k.startswith("_")}
+        torch.save(state, path)
+
+    def restore(self, path: str) -> None:
+        from fl_sim.resume import load_state
+
+        vars(self).update(load_state(path))
 
     # ---- bootstrap: the first model of every device ------------------------------------
     def bootstrap(self, t0: float) -> dict:
         """Interest from each device's history; every device requests its first model at t0
         (methods with shared weights install the shared model instead)."""
         n = len(self.devices)
+        self.booted = True
         for j, g in enumerate(self.devices):
             recent = self.ids[max(self.s.indptr[g], self.s.split[g] - self.W):self.s.split[g]]
             if len(recent):
@@ -165,44 +185,59 @@ class Shard:
         return hi
 
     def _receive(self, d: dict) -> None:
-        """Sub-models from the cloud: each starts downloading at its answer time."""
+        """Sub-models from the cloud: each starts downloading at its answer time
+        (clients/download.py); the device verifies the checksum of what arrives."""
         refused = np.searchsorted(self.devices, d.get("refused", np.zeros(0, np.int64)))
         self.outstanding[refused] = False  # not served: the device may ask again
         self.acc["not_served"][refused] += 1
         if len(d["device"]) == 0:
             return
         local = np.searchsorted(self.devices, d["device"])
-        t_answer = d["answer_time"]
-        g = d["device"]
-        online = self.fleet.online(g, t_answer) | d["bootstrap"]
-        start = t_answer.copy()
-        for i in np.flatnonzero(~online):  # offline: retry at the start of the next online slot
-            slot = self.fleet.slot_s
-            t = (math.floor(t_answer[i] / slot) + 1) * slot
-            while not self.fleet.online(np.array([g[i]]), t)[0]:
-                t += slot
-            start[i] = t
-            self.acc["download_retries"][local[i]] += 1
-        arrive = start + self.fleet.transfer_time(g, start, d["payload_bytes"], uplink=False)
-        arrive = np.where(d["bootstrap"], t_answer, arrive)  # installed before deployment starts
+        g, boot, size = d["device"], d["bootstrap"], d["payload_bytes"]
         flats: list[dict] = [dict() for _ in range(len(g))]
         for k in range(self.L):
             if f"rows_{k}" in d:
                 for r, row in zip(d[f"rows_{k}"], torch.from_numpy(d[f"flat_{k}"])):
                     flats[r][k] = row
+
+        def intact(i: int, outcome: int, where: float) -> bool:
+            rows = [flats[i][k].numpy() for k in sorted(flats[i])]
+            if outcome in (faults.CORRUPTED, faults.TRUNCATED):
+                received = faults.damage(faults.payload(d["blocks"][i], rows), outcome, where)
+                return zlib.crc32(received) == int(d["checksum"][i])
+            return faults.checksum(d["blocks"][i], rows) == int(d["checksum"][i])
+
+        # The first model is installed before deployment starts (no transfer simulated).
+        arrive, spent = d["answer_time"].astype(float), size.astype(float)
+        for i in np.flatnonzero(boot):
+            if not intact(i, faults.OK, 0.0):
+                arrive[i] = np.inf
+        net = np.flatnonzero(~boot)
+        dl = download(self.fleet, self.faults, g[net], d["answer_time"][net], size[net], self.downloads[local[net]],
+                      intact=lambda i, o, w: intact(net[i], o, w))
+        arrive[net], spent[net] = dl.arrive, dl.spent
+        self.downloads[local] += 1
+        for key, counts in dl.counts.items():
+            np.add.at(self.acc[key], local[net], counts)
         bb = self.model.backbone
         flops = cost.inference_flops(bb, []) + d["blocks"] @ self.block_flops
         params = cost.base_params(bb) + d["blocks"] @ self.block_params
         over = (flops > self.sent_budget[local, 0]) | (params > self.sent_budget[local, 1])
         self.acc["budget_violations"][local] += over  # checked by the device, against what it asked
         for i, j in enumerate(local):
+            self.acc["bytes_down"][j] += spent[i]
+            self.outstanding[j] = False
+            if boot[i]:
+                self.acc["bytes_first"][j] += spent[i]
+            if arrive[i] == np.inf:  # gave up on this delivery: the device may ask again
+                self.acc["not_served"][j] += 1
+                self.acc["downloads_failed"][j] += boot[i]  # (counted by download() otherwise)
+                self.acc["bytes_wasted"][j] += spent[i]
+                continue
+            self.acc["bytes_wasted"][j] += spent[i] - size[i]
             self.pending_at[j] = arrive[i]
             self.pending[j] = (d["blocks"][i].copy(), flats[i])
-            self.acc["bytes_down"][j] += d["payload_bytes"][i]
-            if d["bootstrap"][i]:
-                self.acc["bytes_first"][j] += d["payload_bytes"][i]
-            self.outstanding[j] = False
-            if d["bootstrap"][i]:
+            if boot[i]:
                 self._install(j)
 
     def _install(self, j: int) -> None:

@@ -22,6 +22,8 @@ from omegaconf import DictConfig
 
 from fl_sim.cli import CONF_DIR
 from fl_sim.engine import Recorder
+from fl_sim.errors import FlSimError
+from fl_sim.resume import RESUME_HINT
 
 
 class InProcess:
@@ -33,14 +35,31 @@ class InProcess:
 
         self.shards = [Shard(run_dir, s, self.n_shards) for s in range(self.n_shards)]
 
+    def save_shards(self, folder: str) -> None:
+        for s, shard in enumerate(self.shards):
+            shard.save(f"{folder}/shard_{s}.pt")
+
+    def restore_shards(self, folder: str) -> None:
+        for s, shard in enumerate(self.shards):
+            shard.restore(f"{folder}/shard_{s}.pt")
+
     def run(self, rec: Recorder) -> None:
         from clients.app import run_shard_round
 
-        for r in range(rec.sched.rounds + 1):
+        from fl_sim.faults import ShardFault
+
+        while (r := rec.next_round()) is not None:
             kind, t0, t1, last = rec.window(r)
             per_shard = rec.deliveries_for_shards()
-            rec.collect(r, [(s, *run_shard_round(self.shards[s], kind, t0, t1, per_shard[s], last))
-                            for s in range(self.n_shards)])
+            parts = []
+            for s in range(self.n_shards):
+                try:
+                    parts.append((s, *run_shard_round(self.shards[s], kind, t0, t1, per_shard[s], last, r)))
+                except ShardFault:
+                    pass  # missing from this round: the recorder counts it, the shard catches up
+                except Exception as exc:  # a real failure: the shard's state is in doubt, stop here
+                    raise FlSimError(f"device shard {s} failed in round {r}: {exc!r}{RESUME_HINT}") from exc
+            rec.collect(r, parts)
 
     def close(self) -> None:
         pass
@@ -73,6 +92,16 @@ class RayFlower:
     def load(self, run_dir: str) -> None:
         self.loading = [a.load.remote(run_dir) for a in self.actors]  # the first round waits for these
 
+    def save_shards(self, folder: str) -> None:
+        import ray
+
+        ray.get([a.save.remote(f"{folder}/shard_{s}.pt") for s, a in enumerate(self.actors)])
+
+    def restore_shards(self, folder: str) -> None:
+        import ray
+
+        ray.get([a.restore.remote(f"{folder}/shard_{s}.pt") for s, a in enumerate(self.actors)])
+
     def deliver(self, round_: int, per_shard: list[dict]) -> None:
         """Posted without waiting: the shard's round waits for them (see ShardActor.call)."""
         for a, d in zip(self.actors, per_shard):
@@ -84,6 +113,7 @@ class RayFlower:
         from clients.app import make_client_app
         from strategies.app import make_server_app
 
+        logging.getLogger("flwr").addFilter(_QuietInjected())
         run_simulation(server_app=make_server_app(rec, rec.sched, deliver=self.deliver),
                        client_app=make_client_app(self.tag), num_supernodes=self.n_shards,
                        backend_config={"client_resources": {"num_cpus": self.per_worker, "num_gpus": 0.0}})
@@ -96,6 +126,16 @@ class RayFlower:
                 ray.kill(a)
             if self.address is None:
                 ray.shutdown()
+
+
+class _QuietInjected(logging.Filter):
+    """Flower logs every ClientApp exception with its traceback; an injected shard fault is
+    expected and counted in summary.json, so its traceback is left out of the log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from fl_sim.faults import INJECTED
+
+        return INJECTED not in record.getMessage()
 
 
 BACKENDS = {"inprocess": InProcess, "ray": RayFlower}

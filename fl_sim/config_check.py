@@ -44,6 +44,15 @@ RANGES: dict[str, tuple] = {
     "sim.pretrain.max_minutes": (0, None, False, False),
     "sim.pretrain.max_epochs": (1, None, True, True),
     "sim.pretrain.patience": (1, None, True, True),
+    "sim.checkpoint_every": (0, None, True, True),
+    "faults.shard_fail": (0, 1, True, False),
+    "faults.max_shard_failures": (1, None, True, True),
+    "faults.download_drop": (0, 1, True, False),
+    "faults.payload_corrupt": (0, 1, True, False),
+    "faults.payload_truncate": (0, 1, True, False),
+    "faults.max_download_attempts": (1, None, True, True),
+    "faults.cloud_capacity": (1, None, True, True),
+    "faults.cloud_queue": (0, None, True, True),
 }
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fl_sim import protocol
+from fl_sim.errors import FlSimError
 
 
 @dataclass
@@ -66,31 +67,69 @@ class Recorder:
     deliveries`, `counts` and `refused`.
     """
 
-    def __init__(self, cloud, sched: Schedule, n_shards: int, n_blocks: int):
+    def __init__(self, cloud, sched: Schedule, n_shards: int, n_blocks: int, max_shard_failures: int = 5):
         self.cloud, self.sched, self.n_shards, self.n_blocks = cloud, sched, n_shards, n_blocks
+        self.max_shard_failures = max_shard_failures
         self.pending = protocol.empty_deliveries(n_blocks)
         self.rounds: list[dict] = []
         self.tables: dict[int, dict] = {}
         self.shard_of_node: dict[int, int] = {}
-        self.failed_shards = 0
+        self.failed_shards = 0  # shard rounds that failed (the shard caught up with its next round)
+        self.failures_in_row = [0] * n_shards
+        self.sent: list[dict] = []  # each shard's deliveries of the current round
+        self.carry: dict[int, dict] = {}  # deliveries of a failed shard, re-sent with its next round
         self.request_log: list[tuple[np.ndarray, np.ndarray]] = []  # (device, time) of each round's requests
         self.progress = None
+        self.on_round_end = None  # called with each round's index once it is collected (checkpoints)
         self._clock = time.perf_counter()
 
+    def next_round(self) -> int | None:
+        """The round to run next: every window in turn, then catch-up rounds while a shard
+        whose last round failed still owes its final table; None when the run is done."""
+        r = len(self.rounds)
+        if r <= self.sched.rounds or len(self.tables) < self.n_shards:
+            return r
+        return None
+
     def window(self, r: int) -> tuple[str, float, float, bool]:
-        """Round 0 bootstraps at t0; round r >= 1 replays window r-1."""
+        """Round 0 bootstraps at t0; round r >= 1 replays window r-1; a catch-up round after
+        the last window replays nothing new (t0 = t1 = the end)."""
         if r == 0:
             return "bootstrap", self.sched.t0, self.sched.t0, self.sched.rounds == 0
+        if r > self.sched.rounds:
+            end = self.sched.t0 + self.sched.span_s
+            return "window", end, end, True
         t0, t1 = self.sched.window(r - 1)
         return "window", t0, t1, r == self.sched.rounds
 
     def deliveries_for_shards(self) -> list[dict]:
-        return route(self.pending, self.n_shards, self.n_blocks)
+        parts = route(self.pending, self.n_shards, self.n_blocks)
+        for s, carried in self.carry.items():
+            parts[s] = protocol.merge(carried, parts[s], self.n_blocks)
+        for s in self.tables:  # finished: what comes after the last window is not delivered
+            parts[s] = protocol.empty_deliveries(self.n_blocks)
+        self.carry, self.sent = {}, parts
+        return parts
 
     def collect(self, r: int, parts: list[tuple]) -> None:
-        """parts: (shard, requests, metrics, device table or None) from each shard."""
+        """parts: (shard, requests, metrics, device table or None) from each shard that
+        answered. A shard missing (its ClientApp raised, or its node did not answer) catches
+        up with its next round: its deliveries are re-sent then, and its devices replay the
+        missed window's events then."""
         parts = sorted(parts, key=lambda p: p[0])
-        self.failed_shards += self.n_shards - len({p[0] for p in parts})  # no reply, or an error reply
+        answered = {p[0] for p in parts}
+        for s in range(self.n_shards):
+            if s in answered:
+                self.failures_in_row[s] = 0
+                continue
+            self.failed_shards += 1
+            self.failures_in_row[s] += 1
+            if self.sent:
+                self.carry[s] = self.sent[s]
+            if self.failures_in_row[s] >= self.max_shard_failures:
+                raise FlSimError(f"shard {s} failed {self.failures_in_row[s]} rounds in a row (round {r}; "
+                                 f"faults.max_shard_failures={self.max_shard_failures})")
+        parts = [p for p in parts if p[0] not in self.tables]  # finished shards: nothing more to take
         requests = self.cloud.admit([p[1] for p in parts])
         kind, t0, t1, _ = self.window(r)
         if len(requests["device"]):
@@ -105,10 +144,23 @@ class Recorder:
         row["wall_s"], self._clock = now - self._clock, now  # since the previous round ended
         self.rounds.append(row)
         for shard, _, _, table in parts:
-            if table is not None:
+            if table is not None and shard not in self.tables:
                 self.tables[shard] = table
         if self.progress:
             self.progress(row)
+        if self.on_round_end:
+            self.on_round_end(r)
+
+    # ---- checkpoints (fl_sim.resume) --------------------------------------------------------
+    STATE = ("pending", "rounds", "tables", "failed_shards", "failures_in_row", "carry", "request_log")
+
+    def state(self) -> dict:
+        return {"recorder": {k: getattr(self, k) for k in self.STATE}, "cloud": self.cloud.state()}
+
+    def restore(self, state: dict) -> None:
+        for k in self.STATE:
+            setattr(self, k, state["recorder"][k])
+        self.cloud.restore(state["cloud"])
 
     def request_table(self) -> dict[str, np.ndarray]:
         """Every request of the run (bootstrap excluded): device, time."""

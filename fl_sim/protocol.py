@@ -3,7 +3,8 @@
 Cloud -> shard ("window" + "deliveries"): the round's window of simulated time and the
 sub-models answering the shard's earlier requests:
   device [m] global ids, answer_time [m] s, blocks [m, L] bool, payload_bytes [m],
-  bootstrap [m] (the first model, installed before deployment starts),
+  bootstrap [m] (the first model, installed before deployment starts), checksum [m] (CRC-32
+  of each sub-model, fl_sim.faults.checksum),
   and per block k: rows_k [m_k] (indices into the m deliveries), flat_k [m_k, P_k] weights;
   refused [k]: devices whose request was refused or could not be served (they may ask again).
 Shard -> cloud ("requests" + "metrics"): only (beta, h) and the budget, never item ids:
@@ -20,7 +21,7 @@ import numpy as np
 def empty_deliveries(n_blocks: int) -> dict[str, np.ndarray]:
     return {"device": np.zeros(0, dtype=np.int64), "answer_time": np.zeros(0), "blocks": np.zeros((0, n_blocks), bool),
             "payload_bytes": np.zeros(0, dtype=np.int64), "bootstrap": np.zeros(0, bool),
-            "refused": np.zeros(0, dtype=np.int64)}
+            "checksum": np.zeros(0, dtype=np.int64), "refused": np.zeros(0, dtype=np.int64)}
 
 
 def empty_requests(n_blocks: int, h_dim: int) -> dict[str, np.ndarray]:
@@ -34,7 +35,8 @@ def select(deliveries: dict[str, np.ndarray], mask: np.ndarray, n_blocks: int) -
     keep = np.flatnonzero(mask)
     new_index = np.full(len(mask), -1)
     new_index[keep] = np.arange(len(keep))
-    out = {k: deliveries[k][keep] for k in ("device", "answer_time", "blocks", "payload_bytes", "bootstrap")}
+    out = {k: deliveries[k][keep] for k in ("device", "answer_time", "blocks", "payload_bytes", "bootstrap",
+                                             "checksum")}
     for k in range(n_blocks):
         if f"rows_{k}" in deliveries:
             rows = deliveries[f"rows_{k}"]
@@ -42,6 +44,23 @@ def select(deliveries: dict[str, np.ndarray], mask: np.ndarray, n_blocks: int) -
             out[f"rows_{k}"] = new_index[rows[sel]]
             out[f"flat_{k}"] = deliveries[f"flat_{k}"][sel]
     return out
+
+
+def merge(a: dict[str, np.ndarray], b: dict[str, np.ndarray], n_blocks: int) -> dict[str, np.ndarray]:
+    """Two sets of deliveries as one (b's block rows shifted past a's deliveries)."""
+    out = {k: np.concatenate([a[k], b[k]]) for k in ("device", "answer_time", "blocks", "payload_bytes",
+                                                     "bootstrap", "checksum", "refused")}
+    m = len(a["device"])
+    for k in range(n_blocks):
+        if f"rows_{k}" in a or f"rows_{k}" in b:
+            rows = [x[f"rows_{k}"] + shift for x, shift in ((a, 0), (b, m)) if f"rows_{k}" in x]
+            flats = [x[f"flat_{k}"] for x in (a, b) if f"flat_{k}" in x]
+            out[f"rows_{k}"], out[f"flat_{k}"] = np.concatenate(rows), np.concatenate(flats)
+    return out
+
+
+def take(requests: dict[str, np.ndarray], rows) -> dict[str, np.ndarray]:
+    return {k: v[rows] for k, v in requests.items()}
 
 
 def concat(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:

@@ -20,7 +20,7 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from fl_sim import runfiles
+from fl_sim import resume, runfiles
 from fl_sim.backends import BACKENDS
 from fl_sim.cli import CONF_DIR, friendly_errors, output_dir, write_json
 from fl_sim.config_check import check_ranges
@@ -55,6 +55,9 @@ def simulate(cfg: DictConfig) -> dict:
         raise ConfigError(f"sim.round_s must be > 0, got {cfg.sim.round_s}")
     check_ranges(cfg)
     check_trigger(cfg)
+    f = cfg.faults
+    if f.download_drop + f.payload_corrupt + f.payload_truncate > 1:
+        raise ConfigError("faults.download_drop + faults.payload_corrupt + faults.payload_truncate must be <= 1")
     cand = cfg.sim.candidates
     if cand != "full" and not (isinstance(cand, int) and cand >= 10):
         raise ConfigError(f"sim.candidates must be full or a number of items >= 10, got {cand!r}")
@@ -69,10 +72,7 @@ def simulate(cfg: DictConfig) -> dict:
                 backend.close()
 
 
-def _simulate(cfg: DictConfig, out: Path, n_shards: int, backends: list, start: float, memory: PeakMemory) -> dict:
-    inter, _ = load_dataset(cfg.dataset, num_clients=cfg.num_clients, seed=cfg.seed, cache_dir=cfg.cache_dir)
-    inter = select_devices(inter, cfg.num_clients, cfg.seed)
-    streams = build_streams(inter, cfg.streams, cfg.seed)
+def _pretrain(cfg: DictConfig, streams, backends: list, n_shards: int, run_dir: Path):
     # Ray comes up while the cached model loads; when the model must be trained, only after
     # training, so that Ray's processes do not add to the training's peak memory.
     if pretrained_path(cfg, streams).exists():
@@ -82,9 +82,25 @@ def _simulate(cfg: DictConfig, out: Path, n_shards: int, backends: list, start: 
     bar.close()
     if not backends:
         backends.append(BACKENDS[cfg.sim.backend](cfg, n_shards))
-    backend = backends[0]
-    run_dir = out / ".sim"
+    shutil.rmtree(resume.folder(run_dir), ignore_errors=True)  # a fresh run: no earlier run's checkpoints
     runfiles.write(run_dir, cfg, streams, model, fp)
+    return model, cached
+
+
+def _simulate(cfg: DictConfig, out: Path, n_shards: int, backends: list, start: float, memory: PeakMemory) -> dict:
+    inter, _ = load_dataset(cfg.dataset, num_clients=cfg.num_clients, seed=cfg.seed, cache_dir=cfg.cache_dir)
+    inter = select_devices(inter, cfg.num_clients, cfg.seed)
+    streams = build_streams(inter, cfg.streams, cfg.seed)
+    run_dir = out / ".sim"
+    resume_from = None
+    if cfg.resume:  # the run's own files, written when it started, and its last checkpoint
+        resume_from = resume.latest(run_dir)
+        resume.check_config(runfiles.load_config(str(run_dir)), cfg)
+        backends.append(BACKENDS[cfg.sim.backend](cfg, n_shards))
+        model, cached = runfiles.load_model(str(run_dir)), True
+    else:
+        model, cached = _pretrain(cfg, streams, backends, n_shards, run_dir)
+    backend = backends[0]
     sched = schedule(stream_times(streams), float(cfg.sim.round_s))
     if cfg.sim.max_rounds:
         sched.truncate(int(cfg.sim.max_rounds))
@@ -98,9 +114,19 @@ def _simulate(cfg: DictConfig, out: Path, n_shards: int, backends: list, start: 
     from strategies.cloud import Cloud
 
     cloud = Cloud(str(run_dir))
-    rec = Recorder(cloud, sched, n_shards, model.backbone.n_blocks)
-    bar = tqdm(total=sched.rounds + 1, desc="rounds", unit="round", mininterval=0.5)
-    totals = {"ndcg": 0.0, "scored": 0.0, "requests": 0}
+    rec = Recorder(cloud, sched, n_shards, model.backbone.n_blocks, int(cfg.faults.max_shard_failures))
+    if resume_from is not None:
+        backend.restore_shards(str(resume_from))
+        rec.restore(resume.load_state(resume_from / "recorder.pt"))
+    every = int(cfg.sim.checkpoint_every)
+    if every:
+        def checkpoint(r: int) -> None:
+            if (r + 1) % every == 0 and rec.next_round() is not None:
+                resume.save(run_dir, r, rec.state(), backend.save_shards)
+        rec.on_round_end = checkpoint
+    bar = tqdm(total=sched.rounds + 1, initial=len(rec.rounds), desc="rounds", unit="round", mininterval=0.5)
+    totals = {"ndcg": sum(r["ndcg_sum"] for r in rec.rounds), "scored": sum(r["scored"] for r in rec.rounds),
+              "requests": sum(r["requests"] for r in rec.rounds)}  # rounds restored by resume=true
 
     def progress(row: dict) -> None:
         totals["ndcg"] += row["ndcg_sum"]
@@ -163,15 +189,29 @@ def write_results(cfg, out: Path, rec: Recorder, streams, cloud, n_shards, cache
         "train_flops_per_device_per_day": float(table["train_flops"].sum() / len(table) / max(sim_time / 86400, 1e-9)),
         "budget_violations": int(table["budget_violations"].sum()),
         "budget_unservable": cloud.counts["unservable"],
+        # every request is answered, unservable, refused (by reason) or still queued at the end
+        "requests_answered": cloud.counts["answered"] - cloud.counts["bootstrap"],
+        "requests_unservable": cloud.counts["unservable"] - cloud.counts["bootstrap_unservable"],
         "requests_refused": dict(sorted(cloud.refused.items())),  # malformed, by reason
         "requests_not_served": int(table["not_served"].sum()),  # refused or unservable, told to the device
         "over_budget_events": int(table["over_budget_events"].sum()),
         "offline_deferred": int(table["offline_deferred"].sum()),
-        "download_retries": int(table["download_retries"].sum()),
+        "download_retries": int(table["offline_waits"].sum()),  # offline at the answer: waited to be online
+        "faults": {  # what went wrong and how it was handled (conf/faults); zero in a clean run
+            "shard_rounds_failed": rec.failed_shards,  # each caught up with the shard's next round
+            "catch_up_rounds": max(0, len(rec.rounds) - rec.sched.rounds - 1),
+            **{k: int(table[k].sum()) for k in ("downloads_dropped", "payloads_corrupt", "payloads_truncated",
+                                                "downloads_failed")},
+            "bytes_wasted": float(table["bytes_wasted"].sum()),  # moved by failed download attempts
+            "requests_queued": cloud.counts["queued"], "max_queue": cloud.counts["max_queue"],
+            "requests_refused_capacity": cloud.refused.get("capacity", 0),
+            "requests_waiting_at_end": int(len(cloud.queue["device"])),
+        },
         "failed_shards": rec.failed_shards,
         "sim_time_s": sim_time, "t_start": rec.sched.t0, "t_end": rec.sched.t0 + sim_time,
         "wall_s": time.perf_counter() - start, "sim_wall_s": sim_wall,
         "pretrain_cached": cached,
+        "resumed": bool(cfg.resume),  # wall_s, sim_wall_s and peak_rss_mb then cover the resumed part only
         "peak_rss_mb": memory.result_mb(),  # this process and all it started (Ray included), PSS
         "backend": cfg.sim.backend, "nodes": n_shards,
         "method": cfg.method.name, "trigger": cfg.trigger._target_, "dataset": cfg.dataset.name, "seed": cfg.seed,

@@ -17,6 +17,8 @@ from flwr.serverapp.strategy import Strategy
 from fl_sim import protocol
 from fl_sim.engine import Recorder, Schedule
 from fl_sim.errors import FlSimError
+from fl_sim.faults import INJECTED
+from fl_sim.resume import RESUME_HINT
 
 
 class CloudStrategy(Strategy):
@@ -58,11 +60,21 @@ class CloudStrategy(Strategy):
             time.sleep(0.05)
         return nodes
 
+    def start(self, grid: Grid, timeout: float = 86_400) -> None:
+        """The rounds, as Strategy.start runs them, for as many as the recorder needs (catch-up
+        rounds after a failed shard; a resumed run starts where its checkpoint ended)."""
+        while (r := self.rec.next_round()) is not None:
+            messages = self.configure_train(r + 1, ArrayRecord(), ConfigRecord(), grid)
+            self.aggregate_train(r + 1, grid.send_and_receive(messages, timeout=timeout))
+
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         parts = []
         for reply in replies:
-            if reply.has_error():  # counted by the recorder as a shard missing from the round
-                continue
+            if reply.has_error():
+                reason = reply.error.reason
+                if INJECTED in reason:  # counted by the recorder as a shard missing from the round
+                    continue
+                raise FlSimError(f"a device shard failed in round {server_round - 1}: {reason[-600:]}{RESUME_HINT}")
             shard = int(reply.content["info"]["shard"])
             self.rec.shard_of_node[reply.metadata.src_node_id] = shard
             metrics = dict(reply.content["metrics"])
@@ -86,7 +98,6 @@ def make_server_app(recorder: Recorder, schedule: Schedule, deliver=None) -> Ser
     def main(grid: Grid, context) -> None:
         if hasattr(grid, "pull_interval"):  # the in-memory grid polls for replies; 0.1 s a round adds up
             grid.pull_interval = 0.005
-        CloudStrategy(recorder, schedule, deliver).start(grid, ArrayRecord(), num_rounds=schedule.rounds + 1,
-                                                         timeout=86_400)
+        CloudStrategy(recorder, schedule, deliver).start(grid)
 
     return app

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from fl_sim import protocol, runfiles
+from fl_sim.faults import Faults, checksum
 from strategies import validate
 from fl_sim.models.assemble import assemble_batch
 from fl_sim.models.forward_ofa import argmax_gate
@@ -24,7 +25,11 @@ class Cloud:
         self.latency = float(self.cfg.sim.cloud_latency_s)
         self.h_dim = self.model.extractor.gru.hidden_size if self.model.extractor is not None else 0
         self.n_devices = runfiles.load_streams(run_dir).n_devices
-        self.counts = {"answered": 0, "unservable": 0, "bootstrap": 0}
+        self.counts = {"answered": 0, "unservable": 0, "bootstrap": 0, "bootstrap_unservable": 0,
+                       "queued": 0, "max_queue": 0}
+        faults = Faults.from_cfg(self.cfg)
+        self.capacity, self.queue_limit = faults.cloud_capacity, faults.cloud_queue
+        self.queue = protocol.empty_requests(self.L, self.h_dim)  # beyond capacity, oldest first
         self.refused: dict[str, int] = {}  # malformed requests by reason (strategies/validate.py)
         self._told: list[np.ndarray] = []  # devices to tell their request was not served
 
@@ -61,10 +66,36 @@ class Cloud:
         self._told = []
         return told
 
+    def state(self) -> dict:
+        return {"counts": self.counts, "refused": self.refused, "told": self._told, "queue": self.queue}
+
+    def restore(self, state: dict) -> None:
+        self.counts, self.refused, self._told, self.queue = (state[k] for k in ("counts", "refused", "told", "queue"))
+
+    def _within_capacity(self, req: dict) -> dict:
+        """The requests this batch serves: the queue's first (oldest), then the round's, up to
+        `capacity`; the next `queue_limit` wait for a later round, the rest are refused. First
+        models (bootstrap) are deployment, outside capacity."""
+        boot = req["bootstrap"]
+        new = np.flatnonzero(~boot)
+        new = new[np.lexsort((req["device"][new], req["ready_time"][new]))]  # first come, first served
+        n_queue = len(self.queue["device"])
+        waiting = protocol.concat([self.queue, protocol.take(req, new)])
+        n, cap, limit = len(waiting["device"]), self.capacity, self.queue_limit
+        refused = np.arange(cap + limit, n)
+        if len(refused):
+            self._refuse("capacity", len(refused), waiting["device"][refused])
+        self.counts["queued"] += max(0, min(cap + limit, n) - max(cap, n_queue))  # this round's that wait
+        self.queue = protocol.take(waiting, slice(cap, cap + limit))
+        self.counts["max_queue"] = max(self.counts["max_queue"], len(self.queue["device"]))
+        return protocol.concat([protocol.take(req, boot), protocol.take(waiting, slice(0, cap))])
+
     @torch.no_grad()
     def answer(self, req: dict, batch_time: float) -> dict:
         """Deliveries for the requests gathered up to `batch_time` (the round's end), and the
         devices whose request was refused or could not be served (`refused`)."""
+        if self.capacity is not None:
+            req = self._within_capacity(req)
         if len(req["device"]) == 0:
             return {**protocol.empty_deliveries(self.L), "refused": self._not_served(np.zeros(0, np.int64))}
         beta = torch.from_numpy(req["beta"])
@@ -74,6 +105,7 @@ class Cloud:
         self.counts["unservable"] += int((~a.fits).sum())
         self.counts["answered"] += int(a.fits.sum())
         self.counts["bootstrap"] += int((a.fits & req["bootstrap"]).sum())
+        self.counts["bootstrap_unservable"] += int((~a.fits & req["bootstrap"]).sum())
         keep = np.flatnonzero(a.fits)
         new_index = np.full(len(a.fits), -1)
         new_index[keep] = np.arange(len(keep))
@@ -82,9 +114,13 @@ class Cloud:
         out = {"device": req["device"][keep], "answer_time": answer_time[keep], "blocks": a.keep[keep],
                "payload_bytes": a.payload_bytes[keep].astype(np.int64), "bootstrap": req["bootstrap"][keep],
                "refused": self._not_served(req["device"][~a.fits])}
+        per_device: list[list] = [[] for _ in keep]  # each sub-model's weight rows, in block order
         if self.model.mapper is not None:  # shared weights (no mapper) are on the device already
-            for k, rows in a.rows.items():
+            for k, rows in sorted(a.rows.items()):
                 served = a.fits[rows]
                 out[f"rows_{k}"] = new_index[rows[served]]
                 out[f"flat_{k}"] = a.flat[k][torch.from_numpy(served)].numpy() if not served.all() else a.flat[k].numpy()
+                for r, row in zip(out[f"rows_{k}"], out[f"flat_{k}"]):
+                    per_device[r].append(row)
+        out["checksum"] = np.array([checksum(b, rows) for b, rows in zip(out["blocks"], per_device)], dtype=np.int64)
         return out

@@ -29,3 +29,9 @@ def shared_traces() -> Path:
 @pytest.fixture
 def cache_dir(tmp_path) -> Path:
     return tmp_path / "cache"
+
+
+@pytest.fixture(scope="session")
+def cache(tmp_path_factory) -> Path:
+    """One cache for the fleet runs of a session (the pre-trained model is reused)."""
+    return tmp_path_factory.mktemp("sim_cache")

@@ -1,5 +1,6 @@
 """Shared test helpers: paths, config composition, running a command as a user would."""
 
+import json
 import os
 import subprocess
 import sys
@@ -22,3 +23,16 @@ def run_module(module: str, *args: str, env: dict | None = None) -> subprocess.C
     full_env.pop("HYDRA_FULL_ERROR", None)
     return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True,
                           env=full_env, timeout=600)
+
+
+# A fleet run small enough for a test: 40 devices, a two-block model, 24 rounds.
+SMALL = ["num_clients=40", "model.n_blocks=2", "model.d=16", "model.maxlen=30", "model.hidden=16",
+         "sim.pretrain.max_epochs=1", "sim.max_rounds=24", "dataset.days=6", "dataset.sessions_per_day=3"]
+
+
+def simulate(tmp_path, name, *extra, cache, env: dict | None = None):
+    """`python -m fl_sim.run` on SMALL plus overrides; (summary, output folder)."""
+    out = tmp_path / name
+    res = run_module("fl_sim.run", *SMALL, *extra, f"output_dir={out}", env={"FL_SIM_CACHE": str(cache), **(env or {})})
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads((out / "summary.json").read_text()), out

@@ -8,7 +8,7 @@ import pytest
 from fl_sim.report.load import Run, labels
 from fl_sim.report.shifts import delays, shift_scores
 from helpers import run_module
-from test_sim import SMALL
+from helpers import SMALL
 
 
 def test_shift_scores_by_hand():

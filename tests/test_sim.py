@@ -1,26 +1,9 @@
 """The fleet simulation end to end at small scale: contract, accounting, determinism."""
 
-import json
-
 import pandas as pd
 import pytest
 
-from helpers import run_module
-
-SMALL = ["num_clients=40", "model.n_blocks=2", "model.d=16", "model.maxlen=30", "model.hidden=16",
-         "sim.pretrain.max_epochs=1", "sim.max_rounds=24", "dataset.days=6", "dataset.sessions_per_day=3"]
-
-
-def simulate(tmp_path, name, *extra, cache):
-    out = tmp_path / name
-    res = run_module("fl_sim.run", *SMALL, *extra, f"output_dir={out}", env={"FL_SIM_CACHE": str(cache)})
-    assert res.returncode == 0, res.stderr[-3000:]
-    return json.loads((out / "summary.json").read_text()), out
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
+from helpers import SMALL, run_module, simulate
 
 
 def test_summary_contract_and_accounting(tmp_path, cache):

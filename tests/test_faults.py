@@ -1,0 +1,174 @@
+"""Injected faults: downloads that drop or arrive damaged, a cloud at capacity, shards that
+fail; each detected, handled and counted, with every event and request accounted for."""
+
+import zlib
+
+import numpy as np
+import pytest
+
+from clients.download import download
+from fl_sim import faults as F
+from fl_sim import protocol
+from fl_sim.engine import Recorder, Schedule
+from fl_sim.errors import FlSimError
+from helpers import simulate
+
+
+class Fleet:
+    """1 MB/s links; online except in the slots listed."""
+
+    slot_s = 100.0
+
+    def __init__(self, offline_slots=()):
+        self.offline = set(offline_slots)
+
+    def online(self, dev, t):
+        t = np.broadcast_to(np.asarray(t, dtype=float), np.shape(dev))
+        return np.array([int(x // self.slot_s) not in self.offline for x in t])
+
+    def transfer_time(self, dev, t, nbytes, uplink):
+        return np.broadcast_to(np.asarray(nbytes, dtype=float) / 1e6, np.shape(dev)).copy()
+
+
+def run_download(fleet, faults, t, nbytes, intact=lambda i, o, w: o == F.OK):
+    return download(fleet, faults, np.array([7]), np.array([t]), np.array([nbytes]), np.array([0]), intact)
+
+
+def test_clean_download_takes_the_link_time():
+    d = run_download(Fleet(), F.Faults(), t=10.0, nbytes=2e6)
+    assert d.arrive[0] == pytest.approx(12.0) and d.spent[0] == 2e6
+    assert all(c.sum() == 0 for c in d.counts.values())
+
+
+def test_offline_at_the_answer_waits_for_the_next_online_slot():
+    d = run_download(Fleet(offline_slots=[0, 1]), F.Faults(), t=10.0, nbytes=1e6)
+    assert d.arrive[0] == pytest.approx(201.0) and d.counts["offline_waits"][0] == 1
+
+
+def test_offline_mid_transfer_restarts_later_and_wastes_the_bytes_so_far():
+    # Starts at 90 s, needs 20 s; slot 1 (100-200 s) offline: cut at 100 s after 10 MB of 20.
+    d = run_download(Fleet(offline_slots=[1]), F.Faults(), t=90.0, nbytes=20e6)
+    assert d.counts["downloads_dropped"][0] == 1
+    assert d.arrive[0] == pytest.approx(220.0)  # again from 200 s
+    assert d.spent[0] == pytest.approx(30e6)
+
+
+def test_damaged_payloads_are_downloaded_again_until_the_attempts_run_out():
+    faults = F.Faults(payload_corrupt=1.0, max_download_attempts=3)
+    d = run_download(Fleet(), faults, t=0.0, nbytes=1e6)
+    assert d.arrive[0] == np.inf and d.counts["downloads_failed"][0] == 1
+    assert d.counts["payloads_corrupt"][0] == 3 and d.spent[0] == pytest.approx(3e6)
+    # The device's verdict decides, not the injected outcome: a payload that verifies is kept.
+    d = run_download(Fleet(), faults, t=0.0, nbytes=1e6, intact=lambda i, o, w: True)
+    assert d.arrive[0] == pytest.approx(1.0) and d.counts["payloads_corrupt"][0] == 0
+
+
+def test_injected_drops_cut_the_transfer_part_way():
+    d = run_download(Fleet(), F.Faults(download_drop=1.0, max_download_attempts=2), t=0.0, nbytes=1e6)
+    assert d.counts["downloads_dropped"][0] == 2 and d.arrive[0] == np.inf
+    assert 0 < d.spent[0] < 2e6
+
+
+def test_checksum_catches_a_flipped_byte_and_a_cut():
+    rng = np.random.default_rng(0)
+    blocks, rows = np.array([True, False, True]), [rng.normal(size=50).astype(np.float32) for _ in range(2)]
+    good = F.checksum(blocks, rows)
+    payload = F.payload(blocks, rows)
+    assert zlib.crc32(payload) == good
+    for where in (0.0, 0.37, 0.999):
+        assert zlib.crc32(F.damage(payload, F.CORRUPTED, where)) != good
+        assert zlib.crc32(F.damage(payload, F.TRUNCATED, where)) != good
+    assert F.checksum(blocks, [rows[0], rows[1] * 1.0000001]) != good
+
+
+def test_fault_draws_are_keyed_by_device_and_rates_hold():
+    faults = F.Faults(seed=3, download_drop=0.1, payload_corrupt=0.2, payload_truncate=0.05)
+    dev = np.arange(20_000)
+    outcome, _ = faults.download(dev, np.zeros_like(dev), 0)
+    share = np.bincount(outcome, minlength=4) / len(dev)
+    assert share[[F.DROPPED, F.CORRUPTED, F.TRUNCATED, F.OK]] == pytest.approx([0.1, 0.2, 0.05, 0.65], abs=0.01)
+    again, _ = faults.download(dev[::-1], np.zeros_like(dev), 0)  # a device's draw, whatever its company
+    assert (again[::-1] == outcome).all()
+
+
+class NoCloud:
+    """A cloud that answers nothing (the recorder's loop on its own)."""
+
+    counts, refused = {}, {}
+
+    def admit(self, parts):
+        return protocol.empty_requests(2, 0)
+
+    def answer(self, req, batch_time):
+        return protocol.empty_deliveries(2)
+
+
+def test_a_failed_shard_catches_up_and_its_deliveries_are_resent():
+    sched = Schedule(t0=0.0, round_s=10.0, windows=np.array([0, 1]))
+    rec = Recorder(NoCloud(), sched, n_shards=2, n_blocks=2, max_shard_failures=3)
+    empty = protocol.empty_requests(2, 0)
+    table = {"device": np.array([0])}
+    for r in (0, 1):
+        assert rec.next_round() == r
+        rec.deliveries_for_shards()
+        rec.collect(r, [(0, empty, {}, None), (1, empty, {}, None)])
+    rec.pending = {**protocol.empty_deliveries(2), "device": np.array([1]), "answer_time": np.array([5.0]),
+                   "blocks": np.ones((1, 2), bool), "payload_bytes": np.array([10]), "bootstrap": np.array([False]),
+                   "checksum": np.array([1])}
+    assert rec.next_round() == 2 and rec.window(2)[3]  # the last window
+    sent = rec.deliveries_for_shards()
+    assert list(sent[1]["device"]) == [1]
+    rec.collect(2, [(0, empty, {}, table)])  # shard 1 failed in the last round
+    assert rec.failed_shards == 1
+    assert rec.next_round() == 3  # a catch-up round for shard 1
+    kind, t0, t1, last = rec.window(3)
+    assert (kind, t0, t1, last) == ("window", 20.0, 20.0, True)
+    again = rec.deliveries_for_shards()
+    assert list(again[1]["device"]) == [1] and len(again[0]["device"]) == 0  # re-sent; finished shard: none
+    rec.collect(3, [(0, empty, {}, {"device": np.array([99])}), (1, empty, {}, {"device": np.array([1])})])
+    assert rec.tables[0]["device"][0] == 0  # a finished shard's table is kept as it was
+    assert rec.next_round() is None
+
+
+def test_a_shard_failing_round_after_round_stops_the_run():
+    sched = Schedule(t0=0.0, round_s=10.0, windows=np.arange(10))
+    rec = Recorder(NoCloud(), sched, n_shards=2, n_blocks=2, max_shard_failures=3)
+    empty = protocol.empty_requests(2, 0)
+    with pytest.raises(FlSimError, match="shard 1 failed 3 rounds in a row"):
+        for r in range(10):
+            rec.deliveries_for_shards()
+            rec.collect(r, [(0, empty, {}, None)])
+
+
+def accounted(summary):
+    """Every event evaluated or counted under a reason; every request answered, unservable,
+    refused (by reason) or still queued at the end."""
+    events = summary["events_evaluated"] + summary["events_no_context"] + summary["events_no_model"]
+    requests = (summary["requests_answered"] + summary["requests_unservable"]
+                + sum(summary["requests_refused"].values()) + summary["faults"]["requests_waiting_at_end"])
+    return summary["events_total"] == events and summary["requests"] == requests
+
+
+def test_a_faulty_fleet_run_loses_nothing_and_counts_every_fault(tmp_path, cache):
+    # duet: every request ships every block (the small model's controller may ship none)
+    summary, _ = simulate(tmp_path, "flaky", "method=duet", "sim.backend=inprocess", "sim.nodes=2", "faults=flaky",
+                          "faults.shard_fail=0.15", "faults.cloud_capacity=2", "faults.cloud_queue=2",
+                          "faults.payload_corrupt=0.2", "faults.payload_truncate=0.1", "faults.download_drop=0.1",
+                          cache=cache)
+    f = summary["faults"]
+    assert f["shard_rounds_failed"] > 0 and f["requests_queued"] > 0 and f["requests_refused_capacity"] > 0
+    assert f["payloads_corrupt"] > 0 and f["payloads_truncated"] > 0 and f["downloads_dropped"] > 0
+    assert f["bytes_wasted"] > 0 and summary["budget_violations"] == 0
+    assert summary["requests_refused"]["capacity"] == f["requests_refused_capacity"]
+    assert accounted(summary)
+    clean, _ = simulate(tmp_path, "clean", "method=duet", "sim.backend=inprocess", "sim.nodes=2", cache=cache)
+    assert accounted(clean) and clean["events_total"] == summary["events_total"]
+    assert all(v == 0 for v in clean["faults"].values())
+
+
+def test_faulty_runs_repeat_exactly(tmp_path, cache):
+    args = ("sim.backend=inprocess", "sim.nodes=2", "faults=flaky", "faults.shard_fail=0.2")
+    a, _ = simulate(tmp_path, "a", *args, cache=cache)
+    b, _ = simulate(tmp_path, "b", *args, cache=cache)
+    for key in ("ndcg10", "hit10", "requests", "bytes_down", "faults", "events_no_model"):
+        assert a[key] == b[key], key

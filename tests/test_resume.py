@@ -1,0 +1,75 @@
+"""Checkpoints and resume=true: a run killed with SIGKILL, or stopped by a shard's real
+failure, continues from its last checkpoint and ends with the metrics of a run never stopped."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from helpers import ROOT, SMALL, run_module, simulate
+
+# 30 simulated days with every kind of fault: ~100 rounds of an hour.
+LONG = ["sim.max_rounds=null", "dataset.days=30", "sim.backend=inprocess", "sim.nodes=2", "faults=flaky",
+        "sim.checkpoint_every=10"]
+MANY_ROUNDS = ["sim.round_s=600", "sim.checkpoint_every=20"]  # ~450 short rounds: time to kill the run part-way
+VOLATILE = {"wall_s", "sim_wall_s", "peak_rss_mb", "resumed", "pretrain_cached", "backend"}
+
+
+def same_metrics(a: dict, b: dict) -> None:
+    for key in a.keys() - VOLATILE:
+        assert a[key] == b[key], key
+
+
+def test_killed_run_resumes_to_the_same_metrics(tmp_path, cache):
+    clean, _ = simulate(tmp_path, "clean", *LONG, *MANY_ROUNDS, cache=cache)
+    out = tmp_path / "killed"
+    env = {**os.environ, "FL_SIM_CACHE": str(cache)}
+    proc = subprocess.Popen([sys.executable, "-m", "fl_sim.run", *SMALL, *LONG, *MANY_ROUNDS, f"output_dir={out}"], cwd=ROOT,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pointer = out / ".sim" / "checkpoints" / "latest.json"
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and time.monotonic() < deadline:
+        if pointer.exists() and json.loads(pointer.read_text())["round"] >= 59:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.001)
+    assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not (out / "summary.json").exists()
+    resumed, _ = simulate(tmp_path, "killed", *LONG, *MANY_ROUNDS, "resume=true", cache=cache)
+    assert resumed["resumed"] is True
+    same_metrics(clean, resumed)
+
+
+def test_a_shard_failing_for_real_stops_cleanly_and_resumes(tmp_path, cache):
+    args = [*LONG, "trigger._target_=boom_trigger.BoomAt"]
+    env = {"FL_SIM_CACHE": str(cache), "PYTHONPATH": str(ROOT / "tests")}
+    clean, _ = simulate(tmp_path, "clean", *args, cache=cache, env=env)
+    out = tmp_path / "boom"
+    res = run_module("fl_sim.run", *SMALL, *args, f"output_dir={out}",
+                     env={**env, "FL_SIM_TEST_BOOM_AT_CALL": "600"})
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "boom: the shard's process died" in res.stderr and "resume=true" in res.stderr
+    assert json.loads((out / ".sim" / "checkpoints" / "latest.json").read_text())["round"] >= 9
+    # Resumed on the other backend: the checkpoint does not depend on where shards ran.
+    resumed, _ = simulate(tmp_path, "boom", *args, "resume=true", "sim.backend=ray", cache=cache, env=env)
+    assert resumed["resumed"] is True and resumed["backend"] == "ray"
+    same_metrics(clean, resumed)
+
+
+@pytest.mark.parametrize("extra, message", [
+    ([], "no checkpoint"),
+    (["num_clients=41"], "num_clients"),
+])
+def test_resume_refuses_what_it_cannot_continue(tmp_path, cache, extra, message):
+    out = tmp_path / "run"
+    args = [*SMALL, *LONG, "trigger._target_=boom_trigger.BoomAt", f"output_dir={out}"]
+    env = {"FL_SIM_CACHE": str(cache), "PYTHONPATH": str(ROOT / "tests")}
+    if extra:  # a run stopped after a checkpoint, resumed with another config
+        res = run_module("fl_sim.run", *args, env={**env, "FL_SIM_TEST_BOOM_AT_CALL": "600"})
+        assert res.returncode == 2 and (out / ".sim" / "checkpoints" / "latest.json").exists()
+    res = run_module("fl_sim.run", *args, *extra, "resume=true", env=env)
+    assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr
