@@ -14,11 +14,11 @@ from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fl_sim import protocol
-from fl_sim.faults import INJECTED, ShardFault
+from fl_sim.faults import CRASHED, INJECTED, NODE_LOST, ShardFault
 
 
-def shard_actor_name(tag: str, shard: int) -> str:
-    return f"fl_sim-{tag}-shard-{shard}"
+def shard_actor_name(tag: str, shard: int, generation: int = 0) -> str:
+    return f"fl_sim-{tag}-shard-{shard}-{generation}"
 
 
 _actors: dict = {}  # shard actor handles, looked up once per worker process
@@ -33,13 +33,18 @@ def make_client_app(tag: str) -> ClientApp:
 
         shard = int(context.node_config["partition-id"])
         window = msg.content["window"]
-        name = shard_actor_name(tag, shard)
-        actor = _actors.get(name) or _actors.setdefault(name, ray.get_actor(name))
+        if shard in list(window["vanished"]):  # its actor is gone (an injected node loss)
+            raise RuntimeError(f"shard={shard}: {NODE_LOST}, round {int(window['round'])}")
+        name = shard_actor_name(tag, shard, int(window["generations"][shard]))
         # Deliveries come inline, or were handed to the shard's actor through Ray's object store.
         deliveries = protocol.from_record(msg.content["deliveries"]) if "deliveries" in msg.content else None
-        requests, metrics, table = ray.get(actor.call.remote(
-            window["kind"], float(window["t0"]), float(window["t1"]), bool(window["last"]),
-            int(window["round"]), deliveries))
+        try:
+            actor = _actors.get(name) or _actors.setdefault(name, ray.get_actor(name))
+            requests, metrics, table = ray.get(actor.call.remote(
+                window["kind"], float(window["t0"]), float(window["t1"]), bool(window["last"]),
+                int(window["round"]), deliveries))
+        except Exception as exc:  # the error reply names the shard (see strategies.app)
+            raise RuntimeError(f"shard={shard}: {exc}") from exc
         content = {"requests": protocol.to_record(requests),
                    "metrics": MetricRecord({**metrics, "shard": shard}),
                    "info": ConfigRecord({"shard": shard})}
@@ -52,9 +57,10 @@ def make_client_app(tag: str) -> ClientApp:
 
 def run_shard_round(shard, kind: str, t0: float, t1: float, deliveries: dict, last: bool, round_: int):
     """One round of one shard, the same for every backend. An injected fault (faults.shard_fail)
-    raises here, before the shard touches any device; a shard whose bootstrap failed
-    bootstraps at the start of its next round."""
-    if shard.faults.shard_fails(shard.index, round_):
+    raises here, before the shard touches any device (or after the round, `shard_fail_partway`);
+    a shard whose bootstrap failed bootstraps at the start of its next round."""
+    fails = shard.faults.shard_fails(shard.index, round_)
+    if fails and not shard.faults.shard_fail_partway:
         raise ShardFault(f"{INJECTED}: shard {shard.index}, round {round_}")
     if kind == "bootstrap":
         requests, metrics = shard.bootstrap(t0), {}
@@ -63,7 +69,23 @@ def run_shard_round(shard, kind: str, t0: float, t1: float, deliveries: dict, la
         requests, metrics = shard.step(t0, t1, deliveries)
         if late is not None:
             requests = protocol.concat([late, requests])
+    if fails:
+        raise ShardFault(f"{CRASHED}: shard {shard.index}, round {round_}", partway=True)
     return requests, metrics, (shard.device_table() if last else None)
+
+
+def rebuild_shard(run_dir: str, index: int, n_shards: int, checkpoint_dir: str | None, entries: list):
+    """A shard as it was after its last completed round: its state at the last checkpoint (or
+    at the start), then each round it completed since, replayed with the deliveries it got
+    then (outputs already taken are dropped; every draw is keyed, so the replay is exact)."""
+    from clients.shard import Shard
+
+    shard = Shard(run_dir, index, n_shards)
+    if checkpoint_dir is not None:
+        shard.restore(f"{checkpoint_dir}/shard_{index}.pt")
+    for r, (kind, t0, t1, _), deliveries in entries:
+        run_shard_round(shard, kind, t0, t1, deliveries, False, r)
+    return shard
 
 
 class ShardActor:
@@ -86,6 +108,12 @@ class ShardActor:
         from clients.shard import Shard
 
         shard = Shard(run_dir, self.index, self.n_shards)
+        with self.posted:
+            self.shard = shard
+            self.posted.notify_all()
+
+    def rebuild(self, run_dir: str, checkpoint_dir: str | None, entries: list) -> None:
+        shard = rebuild_shard(run_dir, self.index, self.n_shards, checkpoint_dir, entries)
         with self.posted:
             self.shard = shard
             self.posted.notify_all()

@@ -22,8 +22,7 @@ from omegaconf import DictConfig
 
 from fl_sim.cli import CONF_DIR
 from fl_sim.engine import Recorder
-from fl_sim.errors import FlSimError
-from fl_sim.resume import RESUME_HINT
+from fl_sim.faults import Faults, ShardFault
 
 
 class InProcess:
@@ -33,7 +32,14 @@ class InProcess:
     def load(self, run_dir: str) -> None:
         from clients.shard import Shard
 
+        self.run_dir = run_dir
         self.shards = [Shard(run_dir, s, self.n_shards) for s in range(self.n_shards)]
+        self.faults = Faults.from_cfg(self.shards[0].cfg)
+
+    def rebuild(self, s: int, generation: int, checkpoint_dir: str | None, entries: list) -> None:
+        from clients.app import rebuild_shard
+
+        self.shards[s] = rebuild_shard(self.run_dir, s, self.n_shards, checkpoint_dir, entries)
 
     def save_shards(self, folder: str) -> None:
         for s, shard in enumerate(self.shards):
@@ -46,19 +52,22 @@ class InProcess:
     def run(self, rec: Recorder) -> None:
         from clients.app import run_shard_round
 
-        from fl_sim.faults import ShardFault
-
+        rec.rebuild = self.rebuild
         while (r := rec.next_round()) is not None:
             kind, t0, t1, last = rec.window(r)
             per_shard = rec.deliveries_for_shards()
             parts = []
             for s in range(self.n_shards):
+                if self.faults.node_vanishes(s, r):  # injected: the node goes, with its devices' state
+                    self.shards[s] = None
+                    rec.shard_failed(s, f"node vanished (injected), round {r}", state_lost=True)
+                    continue
                 try:
                     parts.append((s, *run_shard_round(self.shards[s], kind, t0, t1, per_shard[s], last, r)))
-                except ShardFault:
-                    pass  # missing from this round: the recorder counts it, the shard catches up
-                except Exception as exc:  # a real failure: the shard's state is in doubt, stop here
-                    raise FlSimError(f"device shard {s} failed in round {r}: {exc!r}{RESUME_HINT}") from exc
+                except ShardFault as exc:  # injected: before it touched a device, or part-way
+                    rec.shard_failed(s, str(exc), state_lost=exc.partway)
+                except Exception as exc:  # part-way: its state is in doubt
+                    rec.shard_failed(s, repr(exc), state_lost=True)
             rec.collect(r, parts)
 
     def close(self) -> None:
@@ -71,7 +80,7 @@ class RayFlower:
     def __init__(self, cfg: DictConfig, n_shards: int):
         import ray
 
-        from clients.app import ShardActor, shard_actor_name
+        from clients.app import ShardActor
 
         self.address = cfg.sim.ray.address
         self.n_shards = n_shards
@@ -83,14 +92,30 @@ class RayFlower:
         self.tag = uuid.uuid4().hex[:8]
         cpus = ray.cluster_resources().get("CPU", 1)
         threads = int(cfg.sim.ray.threads or max(1, int(cpus) // n_shards))
-        actor = ray.remote(num_cpus=0, max_concurrency=2)(ShardActor)
-        self.actors = [actor.options(name=shard_actor_name(self.tag, s)).remote(s, n_shards, threads)
-                       for s in range(n_shards)]
+        self.actor_class = ray.remote(num_cpus=0, max_concurrency=2)(ShardActor)
+        self.threads = threads
+        self.actors = [self._new_actor(s, 0) for s in range(n_shards)]
+        self.faults = Faults.from_cfg(cfg)
         # One Flower worker per shard: a worker only forwards its shard's message to the actor.
         self.per_worker = max(cpus / n_shards, 0.01)
 
+    def _new_actor(self, s: int, generation: int):
+        from clients.app import shard_actor_name
+
+        name = shard_actor_name(self.tag, s, generation)
+        return self.actor_class.options(name=name).remote(s, self.n_shards, self.threads)
+
     def load(self, run_dir: str) -> None:
+        self.run_dir = run_dir
         self.loading = [a.load.remote(run_dir) for a in self.actors]  # the first round waits for these
+
+    def rebuild(self, s: int, generation: int, checkpoint_dir: str | None, entries: list) -> None:
+        """A new actor for shard s (the old one is gone, or its state in doubt)."""
+        import ray
+
+        ray.kill(self.actors[s])  # if it is still there
+        self.actors[s] = self._new_actor(s, generation)
+        ray.get(self.actors[s].rebuild.remote(self.run_dir, checkpoint_dir, entries))
 
     def save_shards(self, folder: str) -> None:
         import ray
@@ -102,10 +127,19 @@ class RayFlower:
 
         ray.get([a.restore.remote(f"{folder}/shard_{s}.pt") for s, a in enumerate(self.actors)])
 
-    def deliver(self, round_: int, per_shard: list[dict]) -> None:
-        """Posted without waiting: the shard's round waits for them (see ShardActor.call)."""
-        for a, d in zip(self.actors, per_shard):
-            a.deliver.remote(round_, d)
+    def deliver(self, round_: int, per_shard: list[dict]) -> list[int]:
+        """Posted without waiting: the shard's round waits for them (see ShardActor.call). An
+        injected node loss kills the shard's actor here; returns those shards (their round fails)."""
+        import ray
+
+        vanished = []
+        for s, (a, d) in enumerate(zip(self.actors, per_shard)):
+            if self.faults.node_vanishes(s, round_):
+                ray.kill(a)
+                vanished.append(s)
+            else:
+                a.deliver.remote(round_, d)
+        return vanished
 
     def run(self, rec: Recorder) -> None:
         from flwr.simulation import run_simulation
@@ -114,6 +148,7 @@ class RayFlower:
         from strategies.app import make_server_app
 
         logging.getLogger("flwr").addFilter(_QuietInjected())
+        rec.rebuild = self.rebuild
         run_simulation(server_app=make_server_app(rec, rec.sched, deliver=self.deliver),
                        client_app=make_client_app(self.tag), num_supernodes=self.n_shards,
                        backend_config={"client_resources": {"num_cpus": self.per_worker, "num_gpus": 0.0}})
@@ -129,13 +164,14 @@ class RayFlower:
 
 
 class _QuietInjected(logging.Filter):
-    """Flower logs every ClientApp exception with its traceback; an injected shard fault is
-    expected and counted in summary.json, so its traceback is left out of the log."""
+    """Flower logs every ClientApp exception with its traceback; an injected fault is expected
+    and counted in summary.json, so its traceback is left out of the log."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        from fl_sim.faults import INJECTED
+        from fl_sim.faults import CRASHED, INJECTED, NODE_LOST
 
-        return INJECTED not in record.getMessage()
+        message = record.getMessage()
+        return not any(mark in message for mark in (INJECTED, NODE_LOST, CRASHED))
 
 
 BACKENDS = {"inprocess": InProcess, "ray": RayFlower}

@@ -47,6 +47,7 @@ RANGES: dict[str, tuple] = {
     "sim.checkpoint_every": (0, None, True, True),
     "faults.shard_fail": (0, 1, True, False),
     "faults.max_shard_failures": (1, None, True, True),
+    "faults.node_vanish": (0, 1, True, False),
     "faults.download_drop": (0, 1, True, False),
     "faults.payload_corrupt": (0, 1, True, False),
     "faults.payload_truncate": (0, 1, True, False),

@@ -16,6 +16,8 @@ import numpy as np
 from fl_sim import protocol
 from fl_sim.errors import FlSimError
 
+RESUME_HINT = ". With sim.checkpoint_every > 0, resume=true continues from the last checkpoint once the cause is fixed"
+
 
 @dataclass
 class Schedule:
@@ -67,7 +69,8 @@ class Recorder:
     deliveries`, `counts` and `refused`.
     """
 
-    def __init__(self, cloud, sched: Schedule, n_shards: int, n_blocks: int, max_shard_failures: int = 5):
+    def __init__(self, cloud, sched: Schedule, n_shards: int, n_blocks: int, max_shard_failures: int = 5,
+                 rebuildable: bool = False):
         self.cloud, self.sched, self.n_shards, self.n_blocks = cloud, sched, n_shards, n_blocks
         self.max_shard_failures = max_shard_failures
         self.pending = protocol.empty_deliveries(n_blocks)
@@ -78,6 +81,17 @@ class Recorder:
         self.failures_in_row = [0] * n_shards
         self.sent: list[dict] = []  # each shard's deliveries of the current round
         self.carry: dict[int, dict] = {}  # deliveries of a failed shard, re-sent with its next round
+        # A shard whose state was lost (its node vanished) or is in doubt (it failed part-way) is
+        # rebuilt before the next round: its last checkpoint, then the rounds it completed since,
+        # replayed from `log` (kept when `rebuildable`, i.e. when the run saves checkpoints).
+        self.generation = [0] * n_shards  # incarnation of each shard (a rebuilt one is a new actor)
+        self.lost: set[int] = set()
+        self.errors: dict[int, str] = {}  # each failed shard's last error
+        self._reported: set[int] = set()  # shards whose failure this round was reported
+        self.log: list | None = [] if rebuildable else None
+        self.checkpoint_dir: str | None = None  # the last checkpoint (fl_sim.resume)
+        self.rebuild = None  # rebuild(shard, generation, checkpoint_dir, entries), set by the backend
+        self.nodes_lost = self.rounds_replayed = 0
         self.request_log: list[tuple[np.ndarray, np.ndarray]] = []  # (device, time) of each round's requests
         self.progress = None
         self.on_round_end = None  # called with each round's index once it is collected (checkpoints)
@@ -102,7 +116,35 @@ class Recorder:
         t0, t1 = self.sched.window(r - 1)
         return "window", t0, t1, r == self.sched.rounds
 
+    def shard_failed(self, shard: int, error: str, state_lost: bool) -> None:
+        """A shard's round failed; `state_lost`: its devices' state is gone or in doubt."""
+        self.errors[shard] = error
+        self._reported.add(shard)
+        if state_lost:
+            self.lost.add(shard)
+
+    def _rebuild(self, s: int) -> None:
+        if self.log is None or self.rebuild is None:
+            raise FlSimError(f"shard {s} lost its devices' state ({self.errors.get(s, 'no reply')}); "
+                             "with sim.checkpoint_every > 0 it is rebuilt and the run goes on")
+        entries = [(r, window, sent[s]) for r, window, sent, answered in self.log if s in answered]
+        self.generation[s] += 1
+        try:
+            self.rebuild(s, self.generation[s], self.checkpoint_dir, entries)
+        except Exception as exc:
+            raise FlSimError(f"shard {s} could not be rebuilt after {self.errors.get(s, 'a failure')}: {exc!r}") from exc
+        self.nodes_lost += 1
+        self.rounds_replayed += len(entries)
+        self.lost.discard(s)
+
+    def checkpointed(self, folder: str) -> None:
+        self.checkpoint_dir = folder
+        if self.log is not None:
+            self.log.clear()
+
     def deliveries_for_shards(self) -> list[dict]:
+        for s in sorted(self.lost):
+            self._rebuild(s)
         parts = route(self.pending, self.n_shards, self.n_blocks)
         for s, carried in self.carry.items():
             parts[s] = protocol.merge(carried, parts[s], self.n_blocks)
@@ -118,17 +160,23 @@ class Recorder:
         missed window's events then."""
         parts = sorted(parts, key=lambda p: p[0])
         answered = {p[0] for p in parts}
+        if self.log is not None:
+            self.log.append((r, self.window(r), self.sent, answered))
         for s in range(self.n_shards):
             if s in answered:
                 self.failures_in_row[s] = 0
                 continue
+            if s not in self._reported:  # no reply and no word why: assume the worst
+                self.shard_failed(s, "no reply", state_lost=True)
             self.failed_shards += 1
             self.failures_in_row[s] += 1
             if self.sent:
                 self.carry[s] = self.sent[s]
             if self.failures_in_row[s] >= self.max_shard_failures:
                 raise FlSimError(f"shard {s} failed {self.failures_in_row[s]} rounds in a row (round {r}; "
-                                 f"faults.max_shard_failures={self.max_shard_failures})")
+                                 f"faults.max_shard_failures={self.max_shard_failures}); last error: "
+                                 f"{self.errors.get(s)}{RESUME_HINT}")
+        self._reported = set()
         parts = [p for p in parts if p[0] not in self.tables]  # finished shards: nothing more to take
         requests = self.cloud.admit([p[1] for p in parts])
         kind, t0, t1, _ = self.window(r)
@@ -152,7 +200,8 @@ class Recorder:
             self.on_round_end(r)
 
     # ---- checkpoints (fl_sim.resume) --------------------------------------------------------
-    STATE = ("pending", "rounds", "tables", "failed_shards", "failures_in_row", "carry", "request_log")
+    STATE = ("pending", "rounds", "tables", "failed_shards", "failures_in_row", "carry", "request_log",
+             "nodes_lost", "rounds_replayed")
 
     def state(self) -> dict:
         return {"recorder": {k: getattr(self, k) for k in self.STATE}, "cloud": self.cloud.state()}

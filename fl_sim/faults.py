@@ -16,25 +16,35 @@ import numpy as np
 
 from fl_sim.devices import counter_rng
 
-_SHARD, _DOWNLOAD, _WHERE = 200, 201, 202
+_SHARD, _DOWNLOAD, _WHERE, _NODE = 200, 201, 202, 203
 
 # Outcome of one download attempt.
 OK, DROPPED, CORRUPTED, TRUNCATED = 0, 1, 2, 3
 
 
 INJECTED = "injected shard fault"  # in a failed shard's error reply: it catches up next round
+NODE_LOST = "injected node loss"  # in a lost shard's error reply: it is rebuilt first
+CRASHED = "injected crash part-way"  # the same, for a shard that failed after changing state
 
 
 class ShardFault(RuntimeError):
-    """An injected failure of a shard's ClientApp, raised when it receives a round and before
-    it touches any device (the round is re-run for that shard with the next one)."""
+    """An injected failure of a shard's ClientApp: raised when it receives a round, before it
+    touches any device (the shard catches up with its next round), or, `partway`, after it has
+    run the round and before it replies, which puts its state in doubt like any other failure:
+    it is rebuilt (fl_sim.engine.Recorder) and then catches up."""
+
+    def __init__(self, message: str, partway: bool = False):
+        super().__init__(message)
+        self.partway = partway
 
 
 @dataclass(frozen=True)
 class Faults:
     seed: int = 0
     shard_fail: float = 0.0          # probability a shard's ClientApp raises on a round
+    shard_fail_partway: bool = False  # it raises after running the round (state in doubt: rebuilt)
     max_shard_failures: int = 5      # rounds in a row a shard may fail before the run stops
+    node_vanish: float = 0.0         # probability a shard's node vanishes with its state on a round
     download_drop: float = 0.0       # probability the device goes offline during a download
     payload_corrupt: float = 0.0     # probability a download arrives with a flipped byte
     payload_truncate: float = 0.0    # probability a download arrives cut short
@@ -56,6 +66,11 @@ class Faults:
         if self.shard_fail <= 0:
             return False
         return bool(counter_rng.uniform(self.seed, _SHARD, shard, round_) < self.shard_fail)
+
+    def node_vanishes(self, shard: int, round_: int) -> bool:
+        if self.node_vanish <= 0:
+            return False
+        return bool(counter_rng.uniform(self.seed, _NODE, shard, round_) < self.node_vanish)
 
     def download(self, device: np.ndarray, ordinal: np.ndarray, attempt: int) -> tuple[np.ndarray, np.ndarray]:
         """(outcome, where) of each device's attempt at its download number `ordinal`;

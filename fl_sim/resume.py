@@ -20,8 +20,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from fl_sim.errors import ConfigError
 
-RESUME_HINT = " (with sim.checkpoint_every > 0, resume=true continues from the last checkpoint)"
-
 # Keys that may differ between the run that saved a checkpoint and the run resuming it.
 MAY_CHANGE = ("resume", "sim.backend", "sim.ray", "sim.checkpoint_every", "output_dir")
 

@@ -56,6 +56,9 @@ def simulate(cfg: DictConfig) -> dict:
     check_ranges(cfg)
     check_trigger(cfg)
     f = cfg.faults
+    if (f.node_vanish > 0 or (f.shard_fail > 0 and f.shard_fail_partway)) and not cfg.sim.checkpoint_every:
+        raise ConfigError("faults.node_vanish > 0 or faults.shard_fail_partway=true needs sim.checkpoint_every > 0 "
+                          "(a lost shard is rebuilt from the last checkpoint)")
     if f.download_drop + f.payload_corrupt + f.payload_truncate > 1:
         raise ConfigError("faults.download_drop + faults.payload_corrupt + faults.payload_truncate must be <= 1")
     cand = cfg.sim.candidates
@@ -114,15 +117,18 @@ def _simulate(cfg: DictConfig, out: Path, n_shards: int, backends: list, start: 
     from strategies.cloud import Cloud
 
     cloud = Cloud(str(run_dir))
-    rec = Recorder(cloud, sched, n_shards, model.backbone.n_blocks, int(cfg.faults.max_shard_failures))
+    every = int(cfg.sim.checkpoint_every)
+    rec = Recorder(cloud, sched, n_shards, model.backbone.n_blocks, int(cfg.faults.max_shard_failures),
+                   rebuildable=every > 0)
     if resume_from is not None:
         backend.restore_shards(str(resume_from))
         rec.restore(resume.load_state(resume_from / "recorder.pt"))
-    every = int(cfg.sim.checkpoint_every)
+        rec.checkpoint_dir = str(resume_from)
     if every:
         def checkpoint(r: int) -> None:
-            if (r + 1) % every == 0 and rec.next_round() is not None:
-                resume.save(run_dir, r, rec.state(), backend.save_shards)
+            # Not while a shard is lost (it is rebuilt first; the next multiple saves it).
+            if (r + 1) % every == 0 and rec.next_round() is not None and not rec.lost:
+                rec.checkpointed(str(resume.save(run_dir, r, rec.state(), backend.save_shards)))
         rec.on_round_end = checkpoint
     bar = tqdm(total=sched.rounds + 1, initial=len(rec.rounds), desc="rounds", unit="round", mininterval=0.5)
     totals = {"ndcg": sum(r["ndcg_sum"] for r in rec.rounds), "scored": sum(r["scored"] for r in rec.rounds),
@@ -199,6 +205,8 @@ def write_results(cfg, out: Path, rec: Recorder, streams, cloud, n_shards, cache
         "download_retries": int(table["offline_waits"].sum()),  # offline at the answer: waited to be online
         "faults": {  # what went wrong and how it was handled (conf/faults); zero in a clean run
             "shard_rounds_failed": rec.failed_shards,  # each caught up with the shard's next round
+            "nodes_lost": rec.nodes_lost,  # shards rebuilt from a checkpoint (node gone, or failed part-way)
+            "rounds_replayed": rec.rounds_replayed,  # to rebuild them
             "catch_up_rounds": max(0, len(rec.rounds) - rec.sched.rounds - 1),
             **{k: int(table[k].sum()) for k in ("downloads_dropped", "payloads_corrupt", "payloads_truncated",
                                                 "downloads_failed")},

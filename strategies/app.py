@@ -7,6 +7,7 @@ requests of the round in one batched pass (strategies.cloud.Cloud).
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Iterable, Optional
 
@@ -18,7 +19,6 @@ from fl_sim import protocol
 from fl_sim.engine import Recorder, Schedule
 from fl_sim.errors import FlSimError
 from fl_sim.faults import INJECTED
-from fl_sim.resume import RESUME_HINT
 
 
 class CloudStrategy(Strategy):
@@ -36,11 +36,11 @@ class CloudStrategy(Strategy):
         kind, t0, t1, last = self.rec.window(r)
         nodes = self._nodes(grid)
         per_shard = self.rec.deliveries_for_shards()
-        if self.deliver is not None:
-            self.deliver(r, per_shard)
+        vanished = (self.deliver(r, per_shard) or []) if self.deliver is not None else []
         messages = []
         for node in nodes:
-            window = ConfigRecord({"kind": kind, "t0": t0, "t1": t1, "last": last, "round": r})
+            window = ConfigRecord({"kind": kind, "t0": t0, "t1": t1, "last": last, "round": r,
+                                   "generations": list(self.rec.generation), "vanished": vanished})
             content = RecordDict({"window": window})
             if self.deliver is None:
                 shard = self.rec.shard_of_node.get(node)
@@ -70,11 +70,12 @@ class CloudStrategy(Strategy):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         parts = []
         for reply in replies:
-            if reply.has_error():
+            if reply.has_error():  # the shard catches up next round; rebuilt first if it failed part-way
                 reason = reply.error.reason
-                if INJECTED in reason:  # counted by the recorder as a shard missing from the round
-                    continue
-                raise FlSimError(f"a device shard failed in round {server_round - 1}: {reason[-600:]}{RESUME_HINT}")
+                named = re.search(r"shard=(\d+)", reason)
+                if named:
+                    self.rec.shard_failed(int(named.group(1)), reason[-600:], state_lost=INJECTED not in reason)
+                continue  # (a shard missing without a word is rebuilt: see Recorder.collect)
             shard = int(reply.content["info"]["shard"])
             self.rec.shard_of_node[reply.metadata.src_node_id] = shard
             metrics = dict(reply.content["metrics"])

@@ -11,7 +11,7 @@ from fl_sim import faults as F
 from fl_sim import protocol
 from fl_sim.engine import Recorder, Schedule
 from fl_sim.errors import FlSimError
-from helpers import simulate
+from helpers import SMALL, run_module, simulate
 
 
 class Fleet:
@@ -118,6 +118,7 @@ def test_a_failed_shard_catches_up_and_its_deliveries_are_resent():
     assert rec.next_round() == 2 and rec.window(2)[3]  # the last window
     sent = rec.deliveries_for_shards()
     assert list(sent[1]["device"]) == [1]
+    rec.shard_failed(1, "injected", state_lost=False)
     rec.collect(2, [(0, empty, {}, table)])  # shard 1 failed in the last round
     assert rec.failed_shards == 1
     assert rec.next_round() == 3  # a catch-up round for shard 1
@@ -137,7 +138,17 @@ def test_a_shard_failing_round_after_round_stops_the_run():
     with pytest.raises(FlSimError, match="shard 1 failed 3 rounds in a row"):
         for r in range(10):
             rec.deliveries_for_shards()
+            rec.shard_failed(1, "injected", state_lost=False)
             rec.collect(r, [(0, empty, {}, None)])
+
+
+def test_a_shard_lost_without_checkpoints_stops_the_run_with_the_reason():
+    sched = Schedule(t0=0.0, round_s=10.0, windows=np.arange(3))
+    rec = Recorder(NoCloud(), sched, n_shards=2, n_blocks=2)
+    rec.deliveries_for_shards()
+    rec.collect(0, [(0, protocol.empty_requests(2, 0), {}, None)])  # shard 1: no reply, no reason
+    with pytest.raises(FlSimError, match="shard 1 lost its devices' state .no reply.; with sim.checkpoint_every"):
+        rec.deliveries_for_shards()
 
 
 def accounted(summary):
@@ -172,3 +183,36 @@ def test_faulty_runs_repeat_exactly(tmp_path, cache):
     b, _ = simulate(tmp_path, "b", *args, cache=cache)
     for key in ("ndcg10", "hit10", "requests", "bytes_down", "faults", "events_no_model"):
         assert a[key] == b[key], key
+
+
+VOLATILE = {"wall_s", "sim_wall_s", "peak_rss_mb", "pretrain_cached", "backend", "faults"}
+
+
+def test_a_shard_rebuilt_from_its_checkpoint_replays_exactly(tmp_path, cache):
+    """A shard failing after running its round (state in doubt) is rebuilt from the last
+    checkpoint plus a replay of its rounds since; the run equals one where the same failures
+    left the state intact."""
+    args = ("sim.backend=inprocess", "sim.nodes=2", "dataset.days=12", "sim.max_rounds=null", "faults.shard_fail=0.1",
+            "sim.checkpoint_every=5")
+    intact, _ = simulate(tmp_path, "intact", *args, cache=cache)
+    rebuilt, _ = simulate(tmp_path, "rebuilt", *args, "faults.shard_fail_partway=true", cache=cache)
+    assert intact["faults"]["nodes_lost"] == 0
+    assert rebuilt["faults"]["nodes_lost"] == rebuilt["faults"]["shard_rounds_failed"] > 0
+    assert rebuilt["faults"]["rounds_replayed"] > 0
+    for key in intact.keys() - VOLATILE:
+        assert intact[key] == rebuilt[key], key
+
+
+def test_lost_nodes_on_ray_are_rebuilt_as_in_process(tmp_path, cache):
+    args = ("sim.nodes=2", "faults.node_vanish=0.08", "sim.checkpoint_every=5")
+    local, _ = simulate(tmp_path, "local", "sim.backend=inprocess", *args, cache=cache)
+    ray, _ = simulate(tmp_path, "ray", "sim.backend=ray", *args, cache=cache)
+    assert local["faults"]["nodes_lost"] > 0 and ray["faults"] == local["faults"]
+    for key in local.keys() - VOLATILE:
+        assert local[key] == ray[key], key
+
+
+def test_rebuilding_needs_checkpoints(tmp_path, cache):
+    res = run_module("fl_sim.run", *SMALL, "sim.backend=inprocess", "faults.node_vanish=0.1",
+                     f"output_dir={tmp_path / 'x'}", env={"FL_SIM_CACHE": str(cache)})
+    assert res.returncode == 2 and "sim.checkpoint_every" in res.stderr

@@ -60,6 +60,19 @@ def test_a_shard_failing_for_real_stops_cleanly_and_resumes(tmp_path, cache):
     same_metrics(clean, resumed)
 
 
+def test_a_passing_real_failure_is_rebuilt_and_the_run_goes_on(tmp_path, cache):
+    """A shard raising part-way (a real exception, once) is rebuilt from its checkpoint and
+    replayed; the run ends as if nothing happened, the failure counted."""
+    args = [*LONG, "trigger._target_=boom_trigger.BoomOnce"]
+    env = {"FL_SIM_CACHE": str(cache), "PYTHONPATH": str(ROOT / "tests")}
+    clean, _ = simulate(tmp_path, "clean", *args, cache=cache, env=env)
+    once, _ = simulate(tmp_path, "once", *args, cache=cache, env={**env, "FL_SIM_TEST_BOOM_AT_CALL": "600"})
+    assert once["faults"]["nodes_lost"] == clean["faults"]["nodes_lost"] + 1
+    assert once["faults"]["shard_rounds_failed"] == clean["faults"]["shard_rounds_failed"] + 1
+    for key in clean.keys() - VOLATILE - {"faults", "failed_shards"}:
+        assert clean[key] == once[key], key
+
+
 @pytest.mark.parametrize("extra, message", [
     ([], "no checkpoint"),
     (["num_clients=41"], "num_clients"),
