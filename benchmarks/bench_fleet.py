@@ -8,6 +8,8 @@ Cases (5,000 devices and the default config unless named):
   cold       empty cache: data generation and the cloud's pre-training included
   warm       pre-training cached, on Ray (default) and in-process (same config)
   scaling    pre-training cached, 1,000 and 20,000 devices on Ray (5,000: from `warm`)
+  faults     pre-training cached, in-process: checkpoints every 10 rounds; faults=flaky; and
+             faults=flaky with lost nodes and part-way failures rebuilt from checkpoints
 Writes benchmarks/results/fleet.json: every run and the median per case.
 """
 
@@ -26,7 +28,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 KEYS = ("wall_s", "sim_wall_s", "peak_rss_mb", "ndcg10", "hit10", "requests", "events_total", "events_evaluated",
-        "budget_violations", "failed_shards", "pretrain_cached", "backend", "nodes", "num_devices", "rounds")
+        "budget_violations", "failed_shards", "pretrain_cached", "backend", "nodes", "num_devices", "rounds",
+        "faults")
 
 
 def run(args: list[str], cache: str) -> dict:
@@ -73,6 +76,14 @@ def main() -> None:
         for n in (1000, 20000):
             run([f"num_clients={n}", "sim.backend=inprocess", "sim.max_rounds=1"], warm_cache)  # pre-train once
             runs[f"warm_ray_{n}"] = [run([f"num_clients={n}"], warm_cache) for _ in range(opts.runs)]
+    if "faults" in cases:
+        base = ["num_clients=5000", "sim.backend=inprocess"]
+        if "warm" not in cases:
+            run([*base, "sim.max_rounds=1"], warm_cache)  # pre-train once
+        flaky = ["faults=flaky", "faults.node_vanish=0.02", "faults.shard_fail_partway=true"]
+        for name, extra in [("checkpoints", ["sim.checkpoint_every=10"]), ("flaky", ["faults=flaky"]),
+                            ("flaky_rebuilt", [*flaky, "sim.checkpoint_every=10"])]:
+            runs[f"warm_inprocess_5000_{name}"] = [run([*base, *extra], warm_cache) for _ in range(opts.runs)]
     result["median"] = {case: {k: median(rows, k) for k in ("process_wall_s", "wall_s", "sim_wall_s", "peak_rss_mb")}
                         for case, rows in runs.items()}
     path.write_text(json.dumps(result, indent=2) + "\n")
