@@ -211,9 +211,9 @@ def write_results(cfg, out: Path, rec: Recorder, streams, cloud, n_shards, cache
             **{k: int(table[k].sum()) for k in ("downloads_dropped", "payloads_corrupt", "payloads_truncated",
                                                 "downloads_failed")},
             "bytes_wasted": float(table["bytes_wasted"].sum()),  # moved by failed download attempts
-            "requests_queued": cloud.counts["queued"], "max_queue": cloud.counts["max_queue"],
+            "requests_queued": cloud.capacity.queued, "max_queue": cloud.capacity.max_queue,
             "requests_refused_capacity": cloud.refused.get("capacity", 0),
-            "requests_waiting_at_end": int(len(cloud.queue["device"])),
+            "requests_waiting_at_end": int(len(cloud.capacity.queue["device"])),
         },
         "failed_shards": rec.failed_shards,
         "sim_time_s": sim_time, "t_start": rec.sched.t0, "t_end": rec.sched.t0 + sim_time,

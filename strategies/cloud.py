@@ -25,11 +25,9 @@ class Cloud:
         self.latency = float(self.cfg.sim.cloud_latency_s)
         self.h_dim = self.model.extractor.gru.hidden_size if self.model.extractor is not None else 0
         self.n_devices = runfiles.load_streams(run_dir).n_devices
-        self.counts = {"answered": 0, "unservable": 0, "bootstrap": 0, "bootstrap_unservable": 0,
-                       "queued": 0, "max_queue": 0}
+        self.counts = {"answered": 0, "unservable": 0, "bootstrap": 0, "bootstrap_unservable": 0}
         faults = Faults.from_cfg(self.cfg)
-        self.capacity, self.queue_limit = faults.cloud_capacity, faults.cloud_queue
-        self.queue = protocol.empty_requests(self.L, self.h_dim)  # beyond capacity, oldest first
+        self.capacity = Capacity(faults.cloud_capacity, faults.cloud_queue, self.L, self.h_dim)
         self.refused: dict[str, int] = {}  # malformed requests by reason (strategies/validate.py)
         self._told: list[np.ndarray] = []  # devices to tell their request was not served
 
@@ -67,35 +65,19 @@ class Cloud:
         return told
 
     def state(self) -> dict:
-        return {"counts": self.counts, "refused": self.refused, "told": self._told, "queue": self.queue}
+        return {"counts": self.counts, "refused": self.refused, "told": self._told, "capacity": self.capacity}
 
     def restore(self, state: dict) -> None:
-        self.counts, self.refused, self._told, self.queue = (state[k] for k in ("counts", "refused", "told", "queue"))
-
-    def _within_capacity(self, req: dict) -> dict:
-        """The requests this batch serves: the queue's first (oldest), then the round's, up to
-        `capacity`; the next `queue_limit` wait for a later round, the rest are refused. First
-        models (bootstrap) are deployment, outside capacity."""
-        boot = req["bootstrap"]
-        new = np.flatnonzero(~boot)
-        new = new[np.lexsort((req["device"][new], req["ready_time"][new]))]  # first come, first served
-        n_queue = len(self.queue["device"])
-        waiting = protocol.concat([self.queue, protocol.take(req, new)])
-        n, cap, limit = len(waiting["device"]), self.capacity, self.queue_limit
-        refused = np.arange(cap + limit, n)
-        if len(refused):
-            self._refuse("capacity", len(refused), waiting["device"][refused])
-        self.counts["queued"] += max(0, min(cap + limit, n) - max(cap, n_queue))  # this round's that wait
-        self.queue = protocol.take(waiting, slice(cap, cap + limit))
-        self.counts["max_queue"] = max(self.counts["max_queue"], len(self.queue["device"]))
-        return protocol.concat([protocol.take(req, boot), protocol.take(waiting, slice(0, cap))])
+        self.counts, self.refused, self._told, self.capacity = (state[k] for k in ("counts", "refused", "told",
+                                                                                    "capacity"))
 
     @torch.no_grad()
     def answer(self, req: dict, batch_time: float) -> dict:
         """Deliveries for the requests gathered up to `batch_time` (the round's end), and the
         devices whose request was refused or could not be served (`refused`)."""
-        if self.capacity is not None:
-            req = self._within_capacity(req)
+        req, refused = self.capacity.take(req)
+        if len(refused):
+            self._refuse("capacity", len(refused), refused)
         if len(req["device"]) == 0:
             return {**protocol.empty_deliveries(self.L), "refused": self._not_served(np.zeros(0, np.int64))}
         beta = torch.from_numpy(req["beta"])
@@ -124,3 +106,31 @@ class Cloud:
                     per_device[r].append(row)
         out["checksum"] = np.array([checksum(b, rows) for b, rows in zip(out["blocks"], per_device)], dtype=np.int64)
         return out
+
+
+class Capacity:
+    """The cloud's limit per round (faults.cloud_capacity; None: no limit). A round's batch
+    serves the queue first (oldest), then the round's requests in the order they became ready,
+    up to `capacity`; the next `queue_limit` wait for a later round, the rest are refused.
+    First models (bootstrap) are deployment, outside capacity."""
+
+    def __init__(self, capacity: int | None, queue_limit: int, n_blocks: int, h_dim: int):
+        self.capacity, self.limit = capacity, queue_limit
+        self.queue = protocol.empty_requests(n_blocks, h_dim)
+        self.queued = self.max_queue = 0  # requests that waited at least one round; longest queue
+
+    def take(self, req: dict) -> tuple[dict, np.ndarray]:
+        """(the requests this batch serves, the devices refused)."""
+        if self.capacity is None:
+            return req, np.zeros(0, np.int64)
+        boot = req["bootstrap"]
+        new = np.flatnonzero(~boot)
+        new = new[np.lexsort((req["device"][new], req["ready_time"][new]))]  # first come, first served
+        n_queue = len(self.queue["device"])
+        waiting = protocol.concat([self.queue, protocol.take(req, new)])
+        n, cap, limit = len(waiting["device"]), self.capacity, self.limit
+        self.queued += max(0, min(cap + limit, n) - max(cap, n_queue))  # this round's that wait
+        self.queue = protocol.take(waiting, slice(cap, cap + limit))
+        self.max_queue = max(self.max_queue, len(self.queue["device"]))
+        served = protocol.concat([protocol.take(req, boot), protocol.take(waiting, slice(0, cap))])
+        return served, waiting["device"][cap + limit:]

@@ -96,7 +96,10 @@ def test_download_checksum(tmp_path, monkeypatch):
                                             ("devices.memory_share=0", "devices.memory_share"),
                                             ("model.dropout=2", "model.dropout"), ("num_clients=0", "num_clients"),
                                             ("sim.round_s=-5", "sim.round_s"), ("train.batch=1.5", "train.batch"),
-                                            ("method.tau=0", "method.tau")])
+                                            ("method.tau=0", "method.tau"),
+                                            ("faults.payload_corrupt=1.5", "faults.payload_corrupt"),
+                                            ("faults.cloud_queue=-1", "faults.cloud_queue"),
+                                            ("sim.checkpoint_every=-2", "sim.checkpoint_every")])
 def test_out_of_range_values_are_refused(override, named):
     from fl_sim.config_check import check_ranges
     from fl_sim.errors import ConfigError

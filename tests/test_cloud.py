@@ -37,3 +37,24 @@ def test_rows_refused_by_reason():
 def test_empty_and_h_free_batches():
     assert check_rows(requests(0), n_devices=10).tolist() == []
     assert check_rows(requests(3, H=0), n_devices=10).tolist() == ["", "", ""]  # methods without h
+
+
+def test_capacity_serves_the_oldest_first_queues_the_next_and_refuses_the_rest():
+    from strategies.cloud import Capacity
+
+    cap = Capacity(capacity=2, queue_limit=2, n_blocks=3, h_dim=2)
+    req = requests(5)
+    req["ready_time"] = np.array([5.0, 1.0, 4.0, 2.0, 3.0])
+    served, refused = cap.take(req)
+    assert served["device"].tolist() == [1, 3]  # the first ready
+    assert cap.queue["device"].tolist() == [4, 2] and refused.tolist() == [0]
+    assert cap.queued == 2 and cap.max_queue == 2
+    later = requests(2)
+    later["device"] = np.array([7, 8])
+    later["bootstrap"] = np.array([True, False])  # a first model: outside capacity
+    served, refused = cap.take(later)
+    assert served["device"].tolist() == [7, 4, 2]  # the queue before the round's own
+    assert cap.queue["device"].tolist() == [8] and refused.tolist() == [] and cap.queued == 3
+    unlimited = Capacity(capacity=None, queue_limit=0, n_blocks=3, h_dim=2)
+    served, refused = unlimited.take(req)
+    assert served is req and len(refused) == 0
