@@ -198,7 +198,7 @@ def test_a_shard_rebuilt_from_its_checkpoint_replays_exactly(tmp_path, cache):
     rebuilt, _ = simulate(tmp_path, "rebuilt", *args, "faults.shard_fail_partway=true", cache=cache)
     assert intact["faults"]["nodes_lost"] == 0
     assert rebuilt["faults"]["nodes_lost"] == rebuilt["faults"]["shard_rounds_failed"] > 0
-    assert rebuilt["faults"]["rounds_replayed"] > 0
+    assert rebuilt["faults"]["rounds_replayed"] > 0 and accounted(rebuilt)
     for key in intact.keys() - VOLATILE:
         assert intact[key] == rebuilt[key], key
 
@@ -207,7 +207,7 @@ def test_lost_nodes_on_ray_are_rebuilt_as_in_process(tmp_path, cache):
     args = ("sim.nodes=2", "faults.node_vanish=0.08", "sim.checkpoint_every=5")
     local, _ = simulate(tmp_path, "local", "sim.backend=inprocess", *args, cache=cache)
     ray, _ = simulate(tmp_path, "ray", "sim.backend=ray", *args, cache=cache)
-    assert local["faults"]["nodes_lost"] > 0 and ray["faults"] == local["faults"]
+    assert local["faults"]["nodes_lost"] > 0 and ray["faults"] == local["faults"] and accounted(ray)
     for key in local.keys() - VOLATILE:
         assert local[key] == ray[key], key
 
