@@ -23,7 +23,8 @@ from fl_sim.models import checkpoint
 
 pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")  # e.g. a silent cast of a bad value
 
-FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# Derandomized: the same examples on every run (CI cannot fail by chance); 200 per test.
+FUZZ = settings(max_examples=200, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 
 ids = st.integers(0, 10**6)
 junk = st.sampled_from(["", " ", "::", "\t", "x", "-1", "1.5", "nan", "1e3", "\x00", "é", "9" * 30, ",", ";", "\r"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import warnings
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -184,8 +185,12 @@ def read_table(path: Path, columns: dict) -> pd.DataFrame:
         if parquet:
             frame = pd.read_parquet(path)
         else:
-            frame = pd.read_csv(path, sep=None, engine="python", dtype=str, skip_blank_lines=False,
-                                compression=_compression(path))
+            # index_col=False: rows with a field too many must not turn the first column into the
+            # index; pandas' warning that it would drop fields becomes an error (no silent loss).
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", pd.errors.ParserWarning)
+                frame = pd.read_csv(path, sep=None, engine="python", dtype=str, skip_blank_lines=False,
+                                    index_col=False, compression=_compression(path))
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
     except Exception as exc:
