@@ -17,8 +17,8 @@ from fl_sim import protocol
 from fl_sim.faults import CRASHED, INJECTED, NODE_LOST, ShardFault
 
 
-def shard_actor_name(tag: str, shard: int, generation: int = 0) -> str:
-    return f"fl_sim-{tag}-shard-{shard}-{generation}"
+def shard_actor_name(tag: str, shard: int) -> str:
+    return f"fl_sim-{tag}-shard-{shard}"
 
 
 _actors: dict = {}  # shard actor handles, looked up once per worker process
@@ -35,7 +35,7 @@ def make_client_app(tag: str) -> ClientApp:
         window = msg.content["window"]
         if shard in list(window["vanished"]):  # its actor is gone (an injected node loss)
             raise RuntimeError(f"shard={shard}: {NODE_LOST}, round {int(window['round'])}")
-        name = shard_actor_name(tag, shard, int(window["generations"][shard]))
+        name = shard_actor_name(tag, shard)
         # Deliveries come inline, or were handed to the shard's actor through Ray's object store.
         deliveries = protocol.from_record(msg.content["deliveries"]) if "deliveries" in msg.content else None
         try:
@@ -111,6 +111,12 @@ class ShardActor:
         with self.posted:
             self.shard = shard
             self.posted.notify_all()
+
+    def lose(self) -> None:
+        """An injected node loss: the shard's state is gone (the actor stays, to be rebuilt)."""
+        with self.posted:
+            self.shard = None
+            self.mailbox.clear()
 
     def rebuild(self, run_dir: str, checkpoint_dir: str | None, entries: list) -> None:
         shard = rebuild_shard(run_dir, self.index, self.n_shards, checkpoint_dir, entries)

@@ -36,7 +36,7 @@ class InProcess:
         self.shards = [Shard(run_dir, s, self.n_shards) for s in range(self.n_shards)]
         self.faults = Faults.from_cfg(self.shards[0].cfg)
 
-    def rebuild(self, s: int, generation: int, checkpoint_dir: str | None, entries: list) -> None:
+    def rebuild(self, s: int, checkpoint_dir: str | None, entries: list) -> None:
         from clients.app import rebuild_shard
 
         self.shards[s] = rebuild_shard(self.run_dir, s, self.n_shards, checkpoint_dir, entries)
@@ -80,7 +80,7 @@ class RayFlower:
     def __init__(self, cfg: DictConfig, n_shards: int):
         import ray
 
-        from clients.app import ShardActor
+        from clients.app import ShardActor, shard_actor_name
 
         self.address = cfg.sim.ray.address
         self.n_shards = n_shards
@@ -92,30 +92,31 @@ class RayFlower:
         self.tag = uuid.uuid4().hex[:8]
         cpus = ray.cluster_resources().get("CPU", 1)
         threads = int(cfg.sim.ray.threads or max(1, int(cpus) // n_shards))
-        self.actor_class = ray.remote(num_cpus=0, max_concurrency=2)(ShardActor)
-        self.threads = threads
-        self.actors = [self._new_actor(s, 0) for s in range(n_shards)]
+        # Calls at once: a round running, the next one waiting for its deliveries (rounds are
+        # sent one ahead), and a hand-over, rebuild or checkpoint.
+        actor = ray.remote(num_cpus=0, max_concurrency=4)(ShardActor)
+        self.actors = [actor.options(name=shard_actor_name(self.tag, s)).remote(s, n_shards, threads)
+                       for s in range(n_shards)]
         self.faults = Faults.from_cfg(cfg)
         # One Flower worker per shard: a worker only forwards its shard's message to the actor.
-        self.per_worker = max(cpus / n_shards, 0.01)
-
-    def _new_actor(self, s: int, generation: int):
-        from clients.app import shard_actor_name
-
-        name = shard_actor_name(self.tag, s, generation)
-        return self.actor_class.options(name=name).remote(s, self.n_shards, self.threads)
+        # At least one each (Flower sizes its pool as int(cpus / per_worker)): rounds are sent
+        # one ahead, and a worker can wait in its shard's actor for the next round's deliveries.
+        self.per_worker = max(cpus / n_shards * 0.999, 0.001)
 
     def load(self, run_dir: str) -> None:
         self.run_dir = run_dir
         self.loading = [a.load.remote(run_dir) for a in self.actors]  # the first round waits for these
 
-    def rebuild(self, s: int, generation: int, checkpoint_dir: str | None, entries: list) -> None:
-        """A new actor for shard s (the old one is gone, or its state in doubt)."""
+    def rebuild(self, s: int, checkpoint_dir: str | None, entries: list) -> None:
+        """Shard s rebuilt in its actor (its state was lost or is in doubt). An actor that died
+        for real cannot be: the run stops, and resume=true continues it from its checkpoint."""
         import ray
 
-        ray.kill(self.actors[s])  # if it is still there
-        self.actors[s] = self._new_actor(s, generation)
         ray.get(self.actors[s].rebuild.remote(self.run_dir, checkpoint_dir, entries))
+
+    def vanishing(self, round_: int) -> list[int]:
+        """The shards whose node an injected fault takes away in this round."""
+        return [s for s in range(self.n_shards) if self.faults.node_vanishes(s, round_)]
 
     def save_shards(self, folder: str) -> None:
         import ray
@@ -127,19 +128,15 @@ class RayFlower:
 
         ray.get([a.restore.remote(f"{folder}/shard_{s}.pt") for s, a in enumerate(self.actors)])
 
-    def deliver(self, round_: int, per_shard: list[dict]) -> list[int]:
+    def deliver(self, round_: int, per_shard: list[dict]) -> None:
         """Posted without waiting: the shard's round waits for them (see ShardActor.call). An
-        injected node loss kills the shard's actor here; returns those shards (their round fails)."""
-        import ray
-
-        vanished = []
+        injected node loss wipes the shard's state instead (its ClientApp fails the round)."""
+        vanishing = self.vanishing(round_)
         for s, (a, d) in enumerate(zip(self.actors, per_shard)):
-            if self.faults.node_vanishes(s, round_):
-                ray.kill(a)
-                vanished.append(s)
+            if s in vanishing:
+                a.lose.remote()
             else:
                 a.deliver.remote(round_, d)
-        return vanished
 
     def run(self, rec: Recorder) -> None:
         from flwr.simulation import run_simulation
@@ -149,7 +146,7 @@ class RayFlower:
 
         logging.getLogger("flwr").addFilter(_QuietInjected())
         rec.rebuild = self.rebuild
-        run_simulation(server_app=make_server_app(rec, rec.sched, deliver=self.deliver),
+        run_simulation(server_app=make_server_app(rec, rec.sched, deliver=self.deliver, vanishing=self.vanishing),
                        client_app=make_client_app(self.tag), num_supernodes=self.n_shards,
                        backend_config={"client_resources": {"num_cpus": self.per_worker, "num_gpus": 0.0}})
 

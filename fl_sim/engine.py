@@ -84,13 +84,12 @@ class Recorder:
         # A shard whose state was lost (its node vanished) or is in doubt (it failed part-way) is
         # rebuilt before the next round: its last checkpoint, then the rounds it completed since,
         # replayed from `log` (kept when `rebuildable`, i.e. when the run saves checkpoints).
-        self.generation = [0] * n_shards  # incarnation of each shard (a rebuilt one is a new actor)
         self.lost: set[int] = set()
         self.errors: dict[int, str] = {}  # each failed shard's last error
         self._reported: set[int] = set()  # shards whose failure this round was reported
         self.log: list | None = [] if rebuildable else None
         self.checkpoint_dir: str | None = None  # the last checkpoint (fl_sim.resume)
-        self.rebuild = None  # rebuild(shard, generation, checkpoint_dir, entries), set by the backend
+        self.rebuild = None  # rebuild(shard, checkpoint_dir, entries), set by the backend
         self.nodes_lost = self.rounds_replayed = 0
         self.request_log: list[tuple[np.ndarray, np.ndarray]] = []  # (device, time) of each round's requests
         self.progress = None
@@ -128,11 +127,11 @@ class Recorder:
             raise FlSimError(f"shard {s} lost its devices' state ({self.errors.get(s, 'no reply')}); "
                              "with sim.checkpoint_every > 0 it is rebuilt and the run goes on")
         entries = [(r, window, sent[s]) for r, window, sent, answered in self.log if s in answered]
-        self.generation[s] += 1
         try:
-            self.rebuild(s, self.generation[s], self.checkpoint_dir, entries)
+            self.rebuild(s, self.checkpoint_dir, entries)
         except Exception as exc:
-            raise FlSimError(f"shard {s} could not be rebuilt after {self.errors.get(s, 'a failure')}: {exc!r}") from exc
+            raise FlSimError(f"shard {s} could not be rebuilt after {self.errors.get(s, 'a failure')}: "
+                             f"{exc!r}{RESUME_HINT}") from exc
         self.nodes_lost += 1
         self.rounds_replayed += len(entries)
         self.lost.discard(s)
