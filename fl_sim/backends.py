@@ -87,8 +87,11 @@ class RayFlower:
         if not ray.is_initialized():
             # Workers import the project and any user module (a custom trigger) as this process does.
             paths = [str(Path(CONF_DIR).parent), *sys.path, *os.environ.get("PYTHONPATH", "").split(os.pathsep)]
+            # MALLOC_ARENA_MAX: each thread of a shard actor would get its own malloc arena and
+            # hold its share of the freed weight buffers (measured: +0.5 GB at 5,000 devices).
             ray.init(address=self.address, include_dashboard=False, logging_level=logging.ERROR,
-                     runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in paths if p)}})
+                     runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in paths if p),
+                                               "MALLOC_ARENA_MAX": "2"}})
         self.tag = uuid.uuid4().hex[:8]
         cpus = ray.cluster_resources().get("CPU", 1)
         threads = int(cfg.sim.ray.threads or max(1, int(cpus) // n_shards))

@@ -145,6 +145,7 @@ class Recorder:
         for s in sorted(self.lost):
             self._rebuild(s)
         parts = route(self.pending, self.n_shards, self.n_blocks)
+        self.pending = protocol.empty_deliveries(self.n_blocks)  # routed (copies): free it now
         for s, carried in self.carry.items():
             parts[s] = protocol.merge(carried, parts[s], self.n_blocks)
         for s in self.tables:  # finished: what comes after the last window is not delivered
