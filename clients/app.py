@@ -33,7 +33,7 @@ def make_client_app(tag: str) -> ClientApp:
 
         shard = int(context.node_config["partition-id"])
         window = msg.content["window"]
-        if shard in list(window["vanished"]):  # its actor is gone (an injected node loss)
+        if shard in list(window["vanished"]):  # an injected node loss: its actor's state is wiped
             raise RuntimeError(f"shard={shard}: {NODE_LOST}, round {int(window['round'])}")
         name = shard_actor_name(tag, shard)
         # Deliveries come inline, or were handed to the shard's actor through Ray's object store.
