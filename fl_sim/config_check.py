@@ -24,6 +24,7 @@ RANGES: dict[str, tuple] = {
     "method.lam": (0, None, True, False),
     "method.window": (1, None, True, True),
     "method.k": (1, None, True, True),
+    "method.rank": (1, None, True, True),
     "method.steps": (0, None, True, True),
     "method.lr": (0, None, False, False),
     "train.batch": (1, None, True, True),

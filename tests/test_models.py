@@ -18,10 +18,11 @@ from fl_sim.models.recommender import MethodSpec, Recommender
 KINDS = [("sasrec", 4), ("nextitnet", 6)]
 
 
-def make(kind, L, method="forward_ofa", structure="learned", mapper=True, structural=True, perturb=True, k=2):
+def make(kind, L, method="forward_ofa", structure="learned", mapper=True, structural=True, perturb=True, k=2,
+         generate="full"):
     torch.manual_seed(0)
     bb = Backbone(kind, n_items=50, d=16, n_blocks=L, maxlen=12, dropout=0.0)
-    model = Recommender(bb, MethodSpec(method, structure, mapper, structural, k=k), hidden=8)
+    model = Recommender(bb, MethodSpec(method, structure, mapper, structural, k=k, generate=generate, rank=2), hidden=8)
     if perturb and model.mapper is not None:  # heads start at zero; make generated weights differ
         for head in model.mapper.heads:
             torch.nn.init.normal_(head.weight, std=0.05)
@@ -35,9 +36,10 @@ def batch(n=5, T=12, seed=1):
     return seq
 
 
+@pytest.mark.parametrize("generate", ["full", "lowrank"])
 @pytest.mark.parametrize("kind,L", KINDS)
-def test_submodel_equals_gated_full_model(kind, L):
-    model = make(kind, L)
+def test_submodel_equals_gated_full_model(kind, L, generate):
+    model = make(kind, L, generate=generate)
     seq = batch()
     with torch.no_grad():
         full, beta, gate = model(seq, seq)
@@ -149,11 +151,13 @@ def test_budget_drops_least_wanted_blocks():
     assert ok[0].payload_bytes(model, "fp16") == 2 * ok[0].shipped_params
 
 
-@pytest.mark.parametrize("generate", ["full", "affine"])
-def test_serving_weights_equal_training_weights(generate):
+@pytest.mark.parametrize("kind,generate", [("sasrec", "full"), ("sasrec", "affine"), ("sasrec", "lowrank"),
+                                           ("nextitnet", "lowrank")])
+def test_serving_weights_equal_training_weights(kind, generate):
     torch.manual_seed(0)
-    bb = Backbone("sasrec", n_items=50, d=16, n_blocks=3, maxlen=12, dropout=0.0)
-    model = Recommender(bb, MethodSpec("forward_ofa", "learned", True, True, generate=generate), hidden=8).eval()
+    bb = Backbone(kind, n_items=50, d=16, n_blocks=3, maxlen=12, dropout=0.0)
+    model = Recommender(bb, MethodSpec("forward_ofa", "learned", True, True, generate=generate, rank=2),
+                        hidden=8).eval()
     for head in model.mapper.heads:
         torch.nn.init.normal_(head.weight, std=0.05)
         torch.nn.init.normal_(head.bias, std=0.05)
@@ -165,6 +169,26 @@ def test_serving_weights_equal_training_weights(generate):
             torch.testing.assert_close(flat[name], named[name].expand_as(flat[name]))
     if generate == "affine":
         assert model.mapper.head_params() < 0.1 * sum(b.n_params() for b in bb.blocks) * 9
+    if generate == "lowrank":  # every weight matrix moves, but only through a rank-2 delta
+        w = flat["wq" if kind == "sasrec" else "c1_w"].flatten(2)
+        delta = w - getattr(block, "wq" if kind == "sasrec" else "c1_w").flatten(1)  # the last block's
+        assert delta.abs().max() > 0
+        assert all(torch.linalg.matrix_rank(d) <= 2 for d in delta)
+
+
+def test_lowrank_delta_starts_at_zero_and_learns():
+    torch.manual_seed(0)
+    bb = Backbone("sasrec", n_items=50, d=16, n_blocks=2, maxlen=12, dropout=0.0)
+    model = Recommender(bb, MethodSpec("forward_ofa", "all", True, False, generate="lowrank", rank=2), hidden=8)
+    h = torch.randn(3, 8)
+    params = model.mapper.block_params(bb.blocks[0], 0, h)
+    torch.testing.assert_close(params["wq"], bb.blocks[0].wq.expand(3, 16, 16))  # starts as the shared model
+    seq = batch(n=3)
+    model.backbone(seq, params=[params, None], blocks=[0]).pow(2).sum().backward()
+    head = model.mapper.heads[0]
+    assert head.weight.grad.abs().sum() > 0  # U's part gets a gradient although the delta is zero
+    # 10 LN/bias vectors of 16, then U and V of each of the 6 matrices: rank 2 x (16 + 16) numbers
+    assert head.out_features == 10 * 16 + 6 * 2 * 32
 
 
 def test_payload_roundtrip_error_is_small():

@@ -22,10 +22,13 @@ class CheckpointError(FlSimError):
 
 def fingerprint(cfg: DictConfig, n_items: int) -> dict:
     dataset = {k: v for k, v in OmegaConf.to_container(cfg.dataset, resolve=True).items() if k not in _NOT_CONTENT}
+    method = OmegaConf.to_container(cfg.method, resolve=True)
+    if method.get("generate") != "lowrank":
+        method.pop("rank", None)  # shapes nothing then; earlier checkpoints stay valid
     return {"format": FORMAT, "version": __version__, "n_items": n_items, "seed": cfg.seed, "dataset": dataset,
             "streams": OmegaConf.to_container(cfg.streams, resolve=True),
             "model": OmegaConf.to_container(cfg.model, resolve=True),
-            "method": OmegaConf.to_container(cfg.method, resolve=True),
+            "method": method,
             "train": {k: v for k, v in OmegaConf.to_container(cfg.train, resolve=True).items() if k != "checkpoint"}}
 
 

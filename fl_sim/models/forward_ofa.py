@@ -5,7 +5,8 @@
   straight-through estimator (Eq. 4-5); inference: argmax.
 - Extractor E' (Eq. 8, device): a GRU whose initial state is built from beta; yields h.
 - Mapper (Eq. 9, cloud): L independent linear heads; head k maps h to block k's weights
-  (a zero-initialised delta on the block's shared weights). Block k's generated weights get
+  (a zero-initialised delta on the block's shared weights: every weight, the LN/bias terms, or
+  those plus rank-r factors of each weight matrix). Block k's generated weights get
   gradients only through block k.
 - Compact constraint (Eq. 10-12): L_c = sum_k -log alpha_{k,1}, alpha = softmax(beta_k).
 """
@@ -67,26 +68,57 @@ class Extractor(nn.Module):
         return last[-1]
 
 
+GENERATE = ("full", "affine", "lowrank")
+
+
 def generated_names(block: Block, generate: str) -> list[str]:
-    """Which of a block's parameters the head generates: all of them, or LN/bias terms only."""
+    """Which of a block's parameters the head generates outright: all of them, or the LN/bias
+    terms (`affine`, and `lowrank`, which adds rank-r deltas on the weight matrices)."""
     if generate == "full":
         return [n for n, _ in block.shapes]
-    if generate == "affine":
+    if generate in ("affine", "lowrank"):
         return [n for n, s in block.shapes if len(s) == 1]
-    raise ValueError(f"method.generate must be full or affine, got {generate!r}")
+    raise ValueError(f"method.generate must be one of {', '.join(GENERATE)}, got {generate!r}")
 
 
 class Mapper(nn.Module):
-    """L independent heads H'_k: h -> the parameters of block k (cloud side)."""
+    """L independent heads H'_k: h -> the parameters of block k (cloud side).
 
-    def __init__(self, blocks, hidden: int, generate: str = "full"):
+    `generate=lowrank`: besides the LN/bias terms, head k emits factors U [out, r] and
+    V [in, r] for each weight matrix of block k; the device's matrix is shared + U V^T. V's
+    part of the head's bias starts random and U's at zero (so the delta starts at zero and
+    still gets a gradient).
+    """
+
+    def __init__(self, blocks, hidden: int, generate: str = "full", rank: int = 4):
         super().__init__()
         self.names = [generated_names(b, generate) for b in blocks]
-        sizes = [sum(math.prod(dict(b.shapes)[n]) for n in names) for b, names in zip(blocks, self.names)]
+        self.rank = rank
+        self.factored = [[(n, s) for n, s in b.shapes if len(s) > 1] if generate == "lowrank" else []
+                         for b in blocks]
+        sizes = [sum(math.prod(dict(b.shapes)[n]) for n in names)
+                 + sum(rank * (s[0] + math.prod(s[1:])) for _, s in fac)
+                 for b, names, fac in zip(blocks, self.names, self.factored)]
         self.heads = nn.ModuleList(nn.Linear(hidden, s) for s in sizes)
         for head in self.heads:
             nn.init.zeros_(head.weight)
             nn.init.zeros_(head.bias)
+        with torch.no_grad():
+            for k, block in enumerate(blocks):
+                for sl, fan_in in self._v_slices(block, k):
+                    self.heads[k].bias[sl].normal_(0, 1 / math.sqrt(fan_in))
+
+    def _v_slices(self, block: Block, k: int):
+        """(slice of V's numbers in head k's output, fan-in) for each factored matrix."""
+        pos, factored = 0, dict(self.factored[k])
+        for name, shape in block.shapes:
+            if name in self.names[k]:
+                pos += math.prod(shape)
+            elif name in factored:
+                o, i = shape[0], math.prod(shape[1:])
+                pos += o * self.rank
+                yield slice(pos, pos + i * self.rank), i
+                pos += i * self.rank
 
     def head_params(self) -> int:
         return sum(p.numel() for p in self.heads.parameters())
@@ -99,6 +131,8 @@ class Mapper(nn.Module):
         base = block.flat_shared()
         if len(self.names[k]) == len(block.shapes):
             return torch.addmm(base + head.bias, h, head.weight.T)
+        if self.factored[k]:
+            return torch.cat([p.reshape(h.shape[0], -1) for p in self.block_params(block, k, h).values()], 1)
         out = base.repeat(h.shape[0], 1)
         out[:, self._positions(block, k)] += head(h)
         return out
@@ -116,14 +150,21 @@ class Mapper(nn.Module):
     def block_params(self, block: Block, k: int, h: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per-sample weights of block k for interests h [B,hidden]: shared weights + generated delta."""
         flat = self.heads[k](h)
+        B, r = h.shape[0], self.rank
         out, pos = {}, 0
-        shapes = dict(block.shapes)
-        for name, _ in block.shapes:
+        factored = dict(self.factored[k])
+        for name, shape in block.shapes:
             base = getattr(block, name)
             if name in self.names[k]:
-                n = math.prod(shapes[name])
-                out[name] = base + flat[:, pos:pos + n].view(h.shape[0], *shapes[name])
+                n = math.prod(shape)
+                out[name] = base + flat[:, pos:pos + n].view(B, *shape)
                 pos += n
+            elif name in factored:
+                o, i = shape[0], math.prod(shape[1:])
+                u = flat[:, pos:pos + o * r].view(B, o, r)
+                v = flat[:, pos + o * r:pos + (o + i) * r].view(B, i, r)
+                out[name] = base + torch.bmm(u, v.transpose(1, 2)).view(B, *shape)
+                pos += (o + i) * r
             else:
-                out[name] = base.expand(h.shape[0], *base.shape)
+                out[name] = base.expand(B, *base.shape)
         return out

@@ -33,6 +33,7 @@ class MethodSpec:
     tau: float = 5.0
     lam: float = 0.005
     generate: str = "full"
+    rank: int = 4  # factor rank for generate=lowrank
     window: int = 50  # recent items read by controller and E'
 
     @classmethod
@@ -40,7 +41,7 @@ class MethodSpec:
         return cls(name=mcfg.name, structure=mcfg.structure, mapper=bool(mcfg.mapper),
                    structural=bool(mcfg.structural), k=int(mcfg.get("k", 3)), tau=float(mcfg.get("tau", 5.0)),
                    lam=float(mcfg.get("lam", 0.0)), generate=mcfg.get("generate", "full"),
-                   window=int(mcfg.get("window", 50)))
+                   rank=int(mcfg.get("rank", 4)), window=int(mcfg.get("window", 50)))
 
 
 class Recommender(nn.Module):
@@ -52,7 +53,7 @@ class Recommender(nn.Module):
             raise ValueError(f"method.k must be in [0, {L}], got {spec.k}")
         self.controller = Controller(d, hidden, L) if spec.structure == "learned" else None
         self.extractor = Extractor(d, hidden, L, spec.structural) if spec.mapper else None
-        self.mapper = Mapper(backbone.blocks, hidden, spec.generate) if spec.mapper else None
+        self.mapper = Mapper(backbone.blocks, hidden, spec.generate, spec.rank) if spec.mapper else None
 
     # ---- device side -------------------------------------------------------------------
     def fixed_gate(self, n: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
