@@ -2,7 +2,7 @@
 process start to exit, with the peak memory of the whole process tree (Ray included) from
 each run's summary.json.
 
-    python benchmarks/bench_fleet.py [--runs 3] [--cold-runs 2] [--cases cold,warm,scaling]
+    python benchmarks/bench_fleet.py [--runs 3] [--cold-runs 2] [--cases cold,warm,scaling] [--cache DIR]
 
 Cases (5,000 devices and the default config unless named):
   cold       empty cache: data generation and the cloud's pre-training included
@@ -10,7 +10,9 @@ Cases (5,000 devices and the default config unless named):
   scaling    pre-training cached, 1,000 and 20,000 devices on Ray (5,000: from `warm`)
   faults     pre-training cached, in-process: checkpoints every 10 rounds; faults=flaky; and
              faults=flaky with lost nodes and part-way failures rebuilt from checkpoints
-Writes benchmarks/results/fleet.json: every run and the median per case.
+Writes benchmarks/results/fleet.json: every run and the median per case. --cache DIR reuses the
+pre-trained models cached there (default: a fresh directory; pre-training is never timed in the
+cached cases).
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--cold-runs", type=int, default=2)
     parser.add_argument("--cases", default="cold,warm,scaling")
+    parser.add_argument("--cache", help="cache directory to reuse (default: a fresh one)")
     opts = parser.parse_args()
     cases = opts.cases.split(",")
     path = ROOT / "benchmarks/results/fleet.json"
@@ -63,12 +66,11 @@ def main() -> None:
                    "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                                "platform": platform.platform()}})
     runs = result.setdefault("runs", {})
-    warm_cache = tempfile.mkdtemp()
+    warm_cache = opts.cache or tempfile.mkdtemp()
     if "cold" in cases:
         runs["cold_ray_5000"] = [run(["num_clients=5000"], tempfile.mkdtemp()) for _ in range(opts.cold_runs)]
-    if "warm" in cases or "scaling" in cases:
-        run(["num_clients=5000", "sim.backend=inprocess", "sim.max_rounds=1"], warm_cache)  # pre-train once
     if "warm" in cases:
+        run(["num_clients=5000", "sim.backend=inprocess", "sim.max_rounds=1"], warm_cache)  # pre-train once
         runs["warm_ray_5000"] = [run(["num_clients=5000"], warm_cache) for _ in range(opts.runs)]
         runs["warm_inprocess_5000"] = [run(["num_clients=5000", "sim.backend=inprocess"], warm_cache)
                                        for _ in range(opts.runs)]

@@ -74,7 +74,8 @@ def write(args, runs: dict[str, list[dict]], old: dict) -> None:
     rows = dict(old["rows"])
     for name, rs in runs.items():
         row = {key: statistics.mean(r[key] for r in rs) for key in
-               ("ndcg10", "hit10", "flops", "params", "shipped_params", "kept_blocks_mean", "train_s")}
+               ("ndcg10", "hit10", "valid_ndcg10", "flops", "params", "shipped_params", "kept_blocks_mean",
+                "train_s")}
         row["ndcg10_per_seed"] = [r["ndcg10"] for r in rs]
         row["epochs"] = [r["epochs"] for r in rs]
         row["stopped"] = [r["stopped"] for r in rs]
