@@ -11,6 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from fl_sim.models import cost
 from fl_sim.models.assemble import Budget, assemble, run_submodel, select_blocks
 from fl_sim.models.backbone import Backbone
+from fl_sim.models.blocks import LowRank
 from fl_sim.models.forward_ofa import argmax_gate, compact_loss, gumbel_gate
 from fl_sim.models.payload import roundtrip
 from fl_sim.models.recommender import MethodSpec, Recommender
@@ -165,8 +166,9 @@ def test_serving_weights_equal_training_weights(kind, generate):
     for k, block in enumerate(bb.blocks):
         named = model.mapper.block_params(block, k, h)
         flat = block.unflatten(model.mapper.block_flat(block, k, h))
-        for name in named:
-            torch.testing.assert_close(flat[name], named[name].expand_as(flat[name]))
+        for name, t in named.items():
+            t = t.dense() if isinstance(t, LowRank) else t
+            torch.testing.assert_close(flat[name], t.expand_as(flat[name]))
     if generate == "affine":
         assert model.mapper.head_params() < 0.1 * sum(b.n_params() for b in bb.blocks) * 9
     if generate == "lowrank":  # every weight matrix moves, but only through a rank-2 delta
@@ -182,7 +184,8 @@ def test_lowrank_delta_starts_at_zero_and_learns():
     model = Recommender(bb, MethodSpec("forward_ofa", "all", True, False, generate="lowrank", rank=2), hidden=8)
     h = torch.randn(3, 8)
     params = model.mapper.block_params(bb.blocks[0], 0, h)
-    torch.testing.assert_close(params["wq"], bb.blocks[0].wq.expand(3, 16, 16))  # starts as the shared model
+    assert isinstance(params["wq"], LowRank)  # kept factored in training: never a [B, 16, 16] tensor
+    torch.testing.assert_close(params["wq"].dense(), bb.blocks[0].wq.expand(3, 16, 16))  # starts as the shared model
     seq = batch(n=3)
     model.backbone(seq, params=[params, None], blocks=[0]).pow(2).sum().backward()
     head = model.mapper.heads[0]

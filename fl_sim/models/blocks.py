@@ -9,17 +9,35 @@ device's weights. `forward(x, params)` takes `params` with a leading batch dimen
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 
-def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """x [B,T,I] with w [O,I] (shared) or [B,O,I] (per sample)."""
+class LowRank(NamedTuple):
+    """A per-sample weight kept factored: shared base [O,I] + u [B,O,r] @ v [B,I,r]^T."""
+
+    base: torch.Tensor
+    u: torch.Tensor
+    v: torch.Tensor
+
+    def dense(self) -> torch.Tensor:
+        return self.base + torch.bmm(self.u, self.v.transpose(1, 2)).view(-1, *self.base.shape)
+
+
+def _add_bias(y: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return y + (b.unsqueeze(1) if b.dim() == 2 else b)
+
+
+def linear(x: torch.Tensor, w, b: torch.Tensor) -> torch.Tensor:
+    """x [B,T,I] with w [O,I] (shared), [B,O,I] (per sample) or LowRank; b [O] or [B,O]."""
+    if isinstance(w, LowRank):  # never materialises the per-sample matrices
+        return _add_bias(F.linear(x, w.base) + torch.bmm(torch.bmm(x, w.v), w.u.transpose(1, 2)), b)
     if w.dim() == 2:
-        return F.linear(x, w, b)
-    return torch.baddbmm(b.unsqueeze(1), x, w.transpose(1, 2))
+        return F.linear(x, w, b) if b.dim() == 1 else _add_bias(F.linear(x, w), b)
+    return torch.baddbmm(b.unsqueeze(1) if b.dim() == 2 else b, x, w.transpose(1, 2))
 
 
 def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
@@ -114,16 +132,20 @@ class SASRecBlock(Block):
         return x + dropout(h, self.dropout, self.training)
 
 
-def causal_conv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, dilation: int) -> torch.Tensor:
-    """Dilated causal convolution over time. x [B,T,I], w [O,I,K] or [B,O,I,K]."""
-    K = w.shape[-1]
-    if w.dim() == 3:
-        y = F.conv1d(F.pad(x.transpose(1, 2), ((K - 1) * dilation, 0)), w, b, dilation=dilation)
-        return y.transpose(1, 2)
+def causal_conv(x: torch.Tensor, w, b: torch.Tensor, dilation: int) -> torch.Tensor:
+    """Dilated causal convolution over time. x [B,T,I], w [O,I,K], [B,O,I,K] or LowRank (base
+    [O,I,K], v over the flattened I*K taps); b [O] or [B,O]."""
+    K = w.base.shape[-1] if isinstance(w, LowRank) else w.shape[-1]
+    if not isinstance(w, LowRank) and w.dim() == 3:
+        y = F.conv1d(F.pad(x.transpose(1, 2), ((K - 1) * dilation, 0)), w, b if b.dim() == 1 else None,
+                     dilation=dilation).transpose(1, 2)
+        return y if b.dim() == 1 else _add_bias(y, b)
     T = x.shape[1]
     xp = F.pad(x, (0, 0, (K - 1) * dilation, 0))
     # taps: [B, T, I*K] with tap j looking (K-1-j)*dilation steps back
     taps = torch.stack([xp[:, j * dilation: j * dilation + T] for j in range(K)], dim=-1).flatten(2)
+    if isinstance(w, LowRank):
+        return linear(taps, LowRank(w.base.flatten(1), w.u, w.v), b)
     return linear(taps, w.flatten(2), b)
 
 

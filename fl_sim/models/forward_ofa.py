@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fl_sim.models.blocks import Block
+from fl_sim.models.blocks import Block, LowRank
 
 
 class Controller(nn.Module):
@@ -132,7 +132,10 @@ class Mapper(nn.Module):
         if len(self.names[k]) == len(block.shapes):
             return torch.addmm(base + head.bias, h, head.weight.T)
         if self.factored[k]:
-            return torch.cat([p.reshape(h.shape[0], -1) for p in self.block_params(block, k, h).values()], 1)
+            params = self.block_params(block, k, h)
+            dense = [t.dense() if isinstance(t, LowRank) else t.expand(h.shape[0], *t.shape[-len(s):])
+                     for t, (_, s) in zip(params.values(), block.shapes)]
+            return torch.cat([t.reshape(h.shape[0], -1) for t in dense], 1)
         out = base.repeat(h.shape[0], 1)
         out[:, self._positions(block, k)] += head(h)
         return out
@@ -147,8 +150,9 @@ class Mapper(nn.Module):
             pos += n
         return torch.cat(idx)
 
-    def block_params(self, block: Block, k: int, h: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Per-sample weights of block k for interests h [B,hidden]: shared weights + generated delta."""
+    def block_params(self, block: Block, k: int, h: torch.Tensor) -> dict:
+        """Weights of block k for interests h [B,hidden]: shared + generated delta, per sample
+        ([B, ...]) where generated, LowRank where factored, the shared tensor otherwise."""
         flat = self.heads[k](h)
         B, r = h.shape[0], self.rank
         out, pos = {}, 0
@@ -163,8 +167,8 @@ class Mapper(nn.Module):
                 o, i = shape[0], math.prod(shape[1:])
                 u = flat[:, pos:pos + o * r].view(B, o, r)
                 v = flat[:, pos + o * r:pos + (o + i) * r].view(B, i, r)
-                out[name] = base + torch.bmm(u, v.transpose(1, 2)).view(B, *shape)
+                out[name] = LowRank(base, u, v)
                 pos += (o + i) * r
             else:
-                out[name] = base.expand(B, *base.shape)
+                out[name] = base
         return out

@@ -6,6 +6,8 @@ from typing import Optional
 
 import torch
 
+from fl_sim.models.blocks import LowRank
+
 PRECISIONS = ("fp32", "fp16", "int8")
 
 
@@ -30,4 +32,13 @@ def shipped_weights(model, params: Optional[list], precision: str) -> Optional[l
     blocks = model.backbone.blocks
     if params is None:
         return [{n: roundtrip(t.detach(), precision, False) for n, t in b.shared().items()} for b in blocks]
-    return [None if p is None else {n: roundtrip(t, precision, True) for n, t in p.items()} for p in params]
+    out: list = []
+    for b, p in zip(blocks, params):
+        if p is None:
+            out.append(None)
+            continue
+        shapes = dict(b.shapes)
+        dense = {n: t.dense() if isinstance(t, LowRank) else t for n, t in p.items()}
+        # a per-sample tensor has one dimension more than the block's own (one scale per sample)
+        out.append({n: roundtrip(t, precision, t.dim() > len(shapes[n])) for n, t in dense.items()})
+    return out
