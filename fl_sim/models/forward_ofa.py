@@ -87,13 +87,15 @@ class Mapper(nn.Module):
     `generate=lowrank`: besides the LN/bias terms, head k emits factors U [out, r] and
     V [in, r] for each weight matrix of block k; the device's matrix is shared + U V^T. V's
     part of the head's bias starts random and U's at zero (so the delta starts at zero and
-    still gets a gradient).
+    still gets a gradient). U is scaled by 1/hidden: an Adam step moves each head weight by
+    about the learning rate, which would move an unscaled U by about lr x hidden x |h|; scaled,
+    the generated delta moves per step about as much as a shared weight does.
     """
 
     def __init__(self, blocks, hidden: int, generate: str = "full", rank: int = 4):
         super().__init__()
         self.names = [generated_names(b, generate) for b in blocks]
-        self.rank = rank
+        self.rank, self.u_scale = rank, 1.0 / hidden
         self.factored = [[(n, s) for n, s in b.shapes if len(s) > 1] if generate == "lowrank" else []
                          for b in blocks]
         sizes = [sum(math.prod(dict(b.shapes)[n]) for n in names)
@@ -165,7 +167,7 @@ class Mapper(nn.Module):
                 pos += n
             elif name in factored:
                 o, i = shape[0], math.prod(shape[1:])
-                u = flat[:, pos:pos + o * r].view(B, o, r)
+                u = flat[:, pos:pos + o * r].view(B, o, r) * self.u_scale
                 v = flat[:, pos + o * r:pos + (o + i) * r].view(B, i, r)
                 out[name] = LowRank(base, u, v)
                 pos += (o + i) * r
