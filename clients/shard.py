@@ -224,17 +224,21 @@ class Shard:
         params = cost.base_params(bb) + d["blocks"] @ self.block_params
         over = (flops > self.sent_budget[local, 0]) | (params > self.sent_budget[local, 1])
         self.acc["budget_violations"][local] += over  # checked by the device, against what it asked
+        # A request stays outstanding until its sub-model is installed (`_install`): a device whose
+        # model is still on its way does not ask again, so a delivery never replaces another.
         for i, j in enumerate(local):
             self.acc["bytes_down"][j] += spent[i]
-            self.outstanding[j] = False
             if boot[i]:
                 self.acc["bytes_first"][j] += spent[i]
             if arrive[i] == np.inf:  # gave up on this delivery: the device may ask again
+                self.outstanding[j] = False
                 self.acc["not_served"][j] += 1
                 self.acc["downloads_failed"][j] += boot[i]  # (counted by download() otherwise)
                 self.acc["bytes_wasted"][j] += spent[i]
                 continue
             self.acc["bytes_wasted"][j] += spent[i] - size[i]
+            if self.pending[j] is not None:
+                raise RuntimeError(f"device {self.devices[j]}: a delivery would replace one not yet installed")
             self.pending_at[j] = arrive[i]
             self.pending[j] = (d["blocks"][i].copy(), flats[i])
             if boot[i]:

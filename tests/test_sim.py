@@ -120,3 +120,18 @@ def test_one_seed_fixes_a_run_pretraining_included(tmp_path):
     assert a["pretrain_cached"] is False and b["pretrain_cached"] is False
     for key in ("ndcg10", "hit10", "requests", "bytes_down", "mean_flops_per_inference"):
         assert a[key] == b[key], key
+
+
+def test_a_device_waits_for_its_model_before_asking_again(tmp_path, cache):
+    """Links so slow that a download outlasts many events, and a trigger that fires at every
+    event: a request stays outstanding until its sub-model is installed, so no delivery ever
+    replaces one still on its way (the shard refuses that outright) and slow links mean fewer
+    requests."""
+    base = ["sim.backend=inprocess", "trigger=always", "model.d=64"]  # blocks of ~200 kB
+    slow = ["~devices.links", "+devices.links={slow: {share: 1.0, down_mbps: 0.00001, up_ratio: 0.5, sigma: 0.1}}"]
+    fast, _ = simulate(tmp_path, "fast", *base, cache=cache)
+    summary, _ = simulate(tmp_path, "slow", *base, *slow, cache=cache)  # the link's floor: 1 kB/s
+    assert 0 < summary["requests"] < fast["requests"]
+    assert summary["requests"] == (summary["requests_answered"] + summary["requests_unservable"]
+                                   + sum(summary["requests_refused"].values())
+                                   + summary["faults"]["requests_waiting_at_end"])
