@@ -44,7 +44,8 @@ class DeviceView:
 class Trigger(ABC):
     """Decides who requests. Subclasses keep any per-device state they need in arrays sized by
     `reset(n)` and indexed by `view.index`; the simulator calls `requested(mask, view)` with
-    the devices whose request was actually sent (online, no request already outstanding)."""
+    the devices whose request was actually sent (online, and no request outstanding: a request
+    stays outstanding until its model is installed or the device is told it was not served)."""
 
     def reset(self, n: int, seed: int) -> None:
         """Called once per shard before its first event, with the shard's device count."""
