@@ -36,3 +36,12 @@ def simulate(tmp_path, name, *extra, cache, env: dict | None = None):
     res = run_module("fl_sim.run", *SMALL, *extra, f"output_dir={out}", env={"FL_SIM_CACHE": str(cache), **(env or {})})
     assert res.returncode == 0, res.stderr[-3000:]
     return json.loads((out / "summary.json").read_text()), out
+
+
+def accounted(summary):
+    """Every event evaluated or counted under a reason; every request answered, unservable,
+    refused (by reason) or still queued at the end."""
+    events = summary["events_evaluated"] + summary["events_no_context"] + summary["events_no_model"]
+    requests = (summary["requests_answered"] + summary["requests_unservable"]
+                + sum(summary["requests_refused"].values()) + summary["faults"]["requests_waiting_at_end"])
+    return summary["events_total"] == events and summary["requests"] == requests

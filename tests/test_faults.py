@@ -11,7 +11,7 @@ from fl_sim import faults as F
 from fl_sim import protocol
 from fl_sim.engine import Recorder, Schedule
 from fl_sim.errors import FlSimError
-from helpers import SMALL, run_module, simulate
+from helpers import SMALL, accounted, run_module, simulate
 
 
 class Fleet:
@@ -149,15 +149,6 @@ def test_a_shard_lost_without_checkpoints_stops_the_run_with_the_reason():
     rec.collect(0, [(0, protocol.empty_requests(2, 0), {}, None)])  # shard 1: no reply, no reason
     with pytest.raises(FlSimError, match="shard 1 lost its devices' state .no reply.; with sim.checkpoint_every"):
         rec.deliveries_for_shards()
-
-
-def accounted(summary):
-    """Every event evaluated or counted under a reason; every request answered, unservable,
-    refused (by reason) or still queued at the end."""
-    events = summary["events_evaluated"] + summary["events_no_context"] + summary["events_no_model"]
-    requests = (summary["requests_answered"] + summary["requests_unservable"]
-                + sum(summary["requests_refused"].values()) + summary["faults"]["requests_waiting_at_end"])
-    return summary["events_total"] == events and summary["requests"] == requests
 
 
 def test_a_faulty_fleet_run_loses_nothing_and_counts_every_fault(tmp_path, cache):

@@ -3,7 +3,7 @@
 import pandas as pd
 import pytest
 
-from helpers import SMALL, run_module, simulate
+from helpers import SMALL, accounted, run_module, simulate
 
 
 def test_summary_contract_and_accounting(tmp_path, cache):
@@ -132,6 +132,4 @@ def test_a_device_waits_for_its_model_before_asking_again(tmp_path, cache):
     fast, _ = simulate(tmp_path, "fast", *base, cache=cache)
     summary, _ = simulate(tmp_path, "slow", *base, *slow, cache=cache)  # the link's floor: 1 kB/s
     assert 0 < summary["requests"] < fast["requests"]
-    assert summary["requests"] == (summary["requests_answered"] + summary["requests_unservable"]
-                                   + sum(summary["requests_refused"].values())
-                                   + summary["faults"]["requests_waiting_at_end"])
+    assert accounted(summary)

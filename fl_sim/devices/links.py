@@ -15,7 +15,7 @@ import numpy as np
 
 from fl_sim.errors import DataError
 
-MIN_BPS = 1_000.0  # bytes/s: an 8 kbit/s floor: a trace at zero would never finish a transfer
+MIN_BPS = 1_000.0  # bytes/s (8 kbit/s): the floor, so a trace at zero still finishes a transfer
 
 
 @dataclass
