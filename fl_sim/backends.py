@@ -1,12 +1,13 @@
 """Where the shards run: in this process, or as Flower SuperNodes on Ray.
 
-Both backends drive the same round loop (fl_sim.engine.Recorder) and the same shard code
-(clients.app.run_shard_round), so a seed gives the same results on either.
+Both backends drive the same round loop (fl_sim.engine.drive) and the same shard code
+(clients.app.run_shard_exchange), so a seed gives the same results on either; each supplies
+only how one exchange reaches every shard.
 
 On Ray, a shard's state lives in a named actor (Flower hands a node's messages to any worker
-of its pool). Each round the cloud hands every shard actor its deliveries through Ray's object
-store (weights are megabytes to gigabytes; Flower's message path copies and hashes them
-several times), then Flower's message carries the round's window; the reply carries the
+of its pool). For each exchange the cloud hands every shard actor its deliveries through Ray's
+object store (weights are megabytes to gigabytes; Flower's message path copies and hashes them
+several times), then Flower's message carries the exchange's window; the reply carries the
 shard's requests and metrics.
 """
 
@@ -21,7 +22,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from fl_sim.cli import CONF_DIR
-from fl_sim.engine import Recorder
+from fl_sim.engine import Recorder, drive
 from fl_sim.faults import Faults, ShardFault
 
 
@@ -34,7 +35,7 @@ class InProcess:
 
         self.run_dir = run_dir
         self.shards = [Shard(run_dir, s, self.n_shards) for s in range(self.n_shards)]
-        self.faults = Faults.from_cfg(self.shards[0].cfg)
+        self.faults = self.shards[0].fx.faults
 
     def rebuild(self, s: int, checkpoint_dir: str | None, entries: list) -> None:
         from clients.app import rebuild_shard
@@ -50,25 +51,26 @@ class InProcess:
             shard.restore(f"{folder}/shard_{s}.pt")
 
     def run(self, rec: Recorder) -> None:
-        from clients.app import run_shard_round
-
         rec.rebuild = self.rebuild
-        while (r := rec.next_round()) is not None:
-            kind, t0, t1, last = rec.window(r)
-            per_shard = rec.deliveries_for_shards()
-            parts = []
-            for s in range(self.n_shards):
-                if self.faults.node_vanishes(s, r):  # injected: the node goes, with its devices' state
-                    self.shards[s] = None
-                    rec.shard_failed(s, f"node vanished (injected), round {r}", state_lost=True)
-                    continue
-                try:
-                    parts.append((s, *run_shard_round(self.shards[s], kind, t0, t1, per_shard[s], last, r)))
-                except ShardFault as exc:  # injected: before it touched a device, or part-way
-                    rec.shard_failed(s, str(exc), state_lost=exc.partway)
-                except Exception as exc:  # part-way: its state is in doubt
-                    rec.shard_failed(s, repr(exc), state_lost=True)
-            rec.collect(r, parts)
+        drive(rec, lambda r, k, window, inboxes: self.exchange(rec, r, k, window, inboxes))
+
+    def exchange(self, rec: Recorder, r: int, k: int, window: tuple, inboxes: list) -> list:
+        from clients.app import run_shard_exchange
+
+        kind, t0, t1, last = window
+        replies = []
+        for s in range(self.n_shards):
+            if k == 0 and self.faults.node_vanishes(s, r):  # injected: the node goes, with its devices' state
+                self.shards[s] = None
+                rec.shard_failed(s, f"node vanished (injected), round {r}", state_lost=True)
+                continue
+            try:
+                replies.append(run_shard_exchange(self.shards[s], kind, t0, t1, inboxes[s], last, r, k))
+            except ShardFault as exc:  # injected: before it touched a device, or part-way
+                rec.shard_failed(s, str(exc), state_lost=exc.partway)
+            except Exception as exc:  # part-way: its state is in doubt
+                rec.shard_failed(s, repr(exc), state_lost=True)
+        return replies
 
     def close(self) -> None:
         pass
@@ -95,15 +97,15 @@ class RayFlower:
         self.tag = uuid.uuid4().hex[:8]
         cpus = ray.cluster_resources().get("CPU", 1)
         threads = int(cfg.sim.ray.threads or max(1, int(cpus) // n_shards))
-        # Calls at once: a round running, the next one waiting for its deliveries (rounds are
-        # sent one ahead), and a hand-over, rebuild or checkpoint.
+        # Calls at once: an exchange running or waiting for its deliveries, and a hand-over,
+        # rebuild or checkpoint.
         actor = ray.remote(num_cpus=0, max_concurrency=4)(ShardActor)
         self.actors = [actor.options(name=shard_actor_name(self.tag, s)).remote(s, n_shards, threads)
                        for s in range(n_shards)]
         self.faults = Faults.from_cfg(cfg)
-        # One Flower worker per shard: a worker only forwards its shard's message to the actor.
-        # At least one each (Flower sizes its pool as int(cpus / per_worker)): rounds are sent
-        # one ahead, and a worker can wait in its shard's actor for the next round's deliveries.
+        # One Flower worker per shard: a worker only forwards its shard's message to the actor,
+        # and may wait there for the exchange's deliveries (Flower sizes its pool as
+        # int(cpus / per_worker)).
         self.per_worker = max(cpus / n_shards * 0.999, 0.001)
 
     def load(self, run_dir: str) -> None:
@@ -117,9 +119,9 @@ class RayFlower:
 
         ray.get(self.actors[s].rebuild.remote(self.run_dir, checkpoint_dir, entries))
 
-    def vanishing(self, round_: int) -> list[int]:
-        """The shards whose node an injected fault takes away in this round."""
-        return [s for s in range(self.n_shards) if self.faults.node_vanishes(s, round_)]
+    def vanishing(self, round_: int, k: int) -> list[int]:
+        """The shards whose node an injected fault takes away in this round (at its first exchange)."""
+        return [s for s in range(self.n_shards) if k == 0 and self.faults.node_vanishes(s, round_)]
 
     def save_shards(self, folder: str) -> None:
         import ray
@@ -131,15 +133,15 @@ class RayFlower:
 
         ray.get([a.restore.remote(f"{folder}/shard_{s}.pt") for s, a in enumerate(self.actors)])
 
-    def deliver(self, round_: int, per_shard: list[dict]) -> None:
-        """Posted without waiting: the shard's round waits for them (see ShardActor.call). An
-        injected node loss wipes the shard's state instead (its ClientApp fails the round)."""
-        vanishing = self.vanishing(round_)
+    def deliver(self, round_: int, k: int, per_shard: list) -> None:
+        """Posted without waiting: the shard's exchange waits for them (see ShardActor.call). An
+        injected node loss wipes the shard's state instead (its ClientApp fails the exchange)."""
+        vanishing = self.vanishing(round_, k)
         for s, (a, d) in enumerate(zip(self.actors, per_shard)):
             if s in vanishing:
                 a.lose.remote()
             else:
-                a.deliver.remote(round_, d)
+                a.deliver.remote(round_, k, d)
 
     def run(self, rec: Recorder) -> None:
         from flwr.simulation import run_simulation
@@ -149,7 +151,7 @@ class RayFlower:
 
         logging.getLogger("flwr").addFilter(_QuietInjected())
         rec.rebuild = self.rebuild
-        run_simulation(server_app=make_server_app(rec, rec.sched, deliver=self.deliver, vanishing=self.vanishing),
+        run_simulation(server_app=make_server_app(rec, deliver=self.deliver, vanishing=self.vanishing),
                        client_app=make_client_app(self.tag), num_supernodes=self.n_shards,
                        backend_config={"client_resources": {"num_cpus": self.per_worker, "num_gpus": 0.0}})
 

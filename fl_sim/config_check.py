@@ -33,7 +33,8 @@ RANGES: dict[str, tuple] = {
     "train.max_minutes": (0, None, False, False),
     "train.ce_positions": (0, None, True, True),
     "train.weight_decay": (0, None, True, False),
-    "devices.latency_s": (0, None, False, False),
+    "devices.latency_s": (0, 1, False, False),
+    "devices.compute_share": (0, 1, False, False),
     "devices.memory_share": (0, 1, False, False),
     "sim.round_s": (0, None, False, False),
     "sim.cloud_latency_s": (0, None, True, False),
@@ -53,7 +54,7 @@ RANGES: dict[str, tuple] = {
     "faults.payload_corrupt": (0, 1, True, False),
     "faults.payload_truncate": (0, 1, True, False),
     "faults.max_download_attempts": (1, None, True, True),
-    "faults.cloud_capacity": (1, None, True, True),
+    "faults.cloud_capacity": (0, None, False, False),
     "faults.cloud_queue": (0, None, True, True),
 }
 

@@ -1,9 +1,9 @@
 """The round loop shared by every backend: windows of simulated time, shards, the cloud.
 
-`Backend.call(round, shard, window, deliveries)` runs one shard's round wherever the backend
-runs it (in this process, or through Flower on Ray) and returns its requests and metrics.
-The loop itself, the routing of deliveries to shards and the cloud's answer are the same for
-every backend, so a seed gives the same results whichever runs it.
+`drive(recorder, exchange)` is the loop; a backend supplies only `exchange`, which runs every
+shard's exchange wherever the backend runs it (in this process, or through Flower on Ray).
+The loop, the routing of deliveries to shards and the cloud's answers are the same for every
+backend, so a seed gives the same results whichever runs it.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fl_sim import protocol
 from fl_sim.errors import FlSimError
 
 RESUME_HINT = ". With sim.checkpoint_every > 0, resume=true continues from the last checkpoint once the cause is fixed"
@@ -52,53 +51,75 @@ def schedule(ts_stream: np.ndarray, round_s: float) -> Schedule:
     return Schedule(t0=t0, round_s=round_s, windows=windows)
 
 
-def route(deliveries: dict, n_shards: int, n_blocks: int) -> list[dict]:
-    """Split the cloud's deliveries by owning shard (device d lives on shard d % n_shards)."""
-    owner = deliveries["device"] % n_shards
-    parts = [protocol.select(deliveries, owner == s, n_blocks) for s in range(n_shards)]
-    refused = deliveries.get("refused", np.zeros(0, np.int64))
-    for s, part in enumerate(parts):
-        part["refused"] = refused[refused % n_shards == s]
-    return parts
+@dataclass
+class Reply:
+    """One shard's answer to an exchange: its requests, metrics, how many of its devices wait
+    for an answer, and (in the last round, once none waits) its per-device table and installs."""
+
+    shard: int
+    requests: object  # fl_sim.protocol.Requests, or its arrays
+    metrics: dict
+    parked: int = 0
+    table: dict | None = None
+    installs: np.ndarray | None = None
+
+
+def drive(rec: "Recorder", exchange) -> None:
+    """The round loop, the same for every backend. Each round is a window of simulated time; its
+    exchanges go on while some device waits for the cloud's answer (answers install within the
+    window at the moment the network delivers them). `exchange(round, k, window, inboxes)`
+    runs every shard's exchange wherever the backend runs it and returns their `Reply`s (a
+    failed shard is reported through `rec.shard_failed` and left out)."""
+    while (r := rec.next_round()) is not None:
+        window = rec.window(r)
+        k = 0
+        while True:
+            inboxes = rec.deliveries_for_shards()
+            if not rec.collect(r, k, exchange(r, k, window, inboxes)):
+                break
+            k += 1
+        rec.end_round(r)
 
 
 class Recorder:
-    """The cloud's side of the loop: windows, deliveries per shard, the round's batch, results.
+    """The cloud's side of the loop: windows, deliveries per shard, the cloud's answers, results.
 
-    `cloud` is anything with `admit(parts) -> requests`, `answer(requests, batch_time) ->
-    deliveries`, `counts` and `refused`.
+    `cloud` is anything with `admit(parts) -> Requests`, `answer(requests) -> Deliveries`,
+    `empty_deliveries()`, `state()` and `restore()`.
     """
 
     def __init__(self, cloud, sched: Schedule, n_shards: int, n_blocks: int, max_shard_failures: int = 5,
                  rebuildable: bool = False):
         self.cloud, self.sched, self.n_shards, self.n_blocks = cloud, sched, n_shards, n_blocks
         self.max_shard_failures = max_shard_failures
-        self.pending = protocol.empty_deliveries(n_blocks)
+        self.pending = cloud.empty_deliveries()
         self.rounds: list[dict] = []
         self.tables: dict[int, dict] = {}
+        self.installs: dict[int, np.ndarray] = {}
         self.shard_of_node: dict[int, int] = {}
-        self.failed_shards = 0  # shard rounds that failed (the shard caught up with its next round)
+        self.failed_shards = 0  # shard exchanges that failed (the shard caught up with the next one)
         self.failures_in_row = [0] * n_shards
-        self.sent: list[dict] = []  # each shard's deliveries of the current round
-        self.carry: dict[int, dict] = {}  # deliveries of a failed shard, re-sent with its next round
+        self.sent: list = []  # each shard's deliveries of the current exchange
+        self.carry: dict[int, object] = {}  # deliveries of a failed shard, re-sent with its next exchange
         # A shard whose state was lost (its node vanished) or is in doubt (it failed part-way) is
-        # rebuilt before the next round: its last checkpoint, then the rounds it completed since,
-        # replayed from `log` (kept when `rebuildable`, i.e. when the run saves checkpoints).
+        # rebuilt before the next exchange: its last checkpoint, then the exchanges it completed
+        # since, replayed from `log` (kept when `rebuildable`, i.e. when the run saves checkpoints).
         self.lost: set[int] = set()
         self.errors: dict[int, str] = {}  # each failed shard's last error
-        self._reported: set[int] = set()  # shards whose failure this round was reported
+        self._reported: set[int] = set()  # shards whose failure this exchange was reported
         self.log: list | None = [] if rebuildable else None
         self.checkpoint_dir: str | None = None  # the last checkpoint (fl_sim.resume)
         self.rebuild = None  # rebuild(shard, checkpoint_dir, entries), set by the backend
         self.nodes_lost = self.rounds_replayed = 0
-        self.request_log: list[tuple[np.ndarray, np.ndarray]] = []  # (device, time) of each round's requests
+        self.request_log: list[tuple[np.ndarray, np.ndarray]] = []  # (device, time) of each exchange's requests
         self.progress = None
         self.on_round_end = None  # called with each round's index once it is collected (checkpoints)
+        self._row: dict | None = None
         self._clock = time.perf_counter()
 
     def next_round(self) -> int | None:
         """The round to run next: every window in turn, then catch-up rounds while a shard
-        whose last round failed still owes its final table; None when the run is done."""
+        whose last exchange failed still owes its final table; None when the run is done."""
         r = len(self.rounds)
         if r <= self.sched.rounds or len(self.tables) < self.n_shards:
             return r
@@ -116,7 +137,7 @@ class Recorder:
         return "window", t0, t1, r == self.sched.rounds
 
     def shard_failed(self, shard: int, error: str, state_lost: bool) -> None:
-        """A shard's round failed; `state_lost`: its devices' state is gone or in doubt."""
+        """A shard's exchange failed; `state_lost`: its devices' state is gone or in doubt."""
         self.errors[shard] = error
         self._reported.add(shard)
         if state_lost:
@@ -126,14 +147,14 @@ class Recorder:
         if self.log is None or self.rebuild is None:
             raise FlSimError(f"shard {s} lost its devices' state ({self.errors.get(s, 'no reply')}); "
                              "with sim.checkpoint_every > 0 it is rebuilt and the run goes on")
-        entries = [(r, window, sent[s]) for r, window, sent, answered in self.log if s in answered]
+        entries = [(r, k, window, sent[s]) for r, k, window, sent, answered in self.log if s in answered]
         try:
             self.rebuild(s, self.checkpoint_dir, entries)
         except Exception as exc:
             raise FlSimError(f"shard {s} could not be rebuilt after {self.errors.get(s, 'a failure')}: "
                              f"{exc!r}{RESUME_HINT}") from exc
         self.nodes_lost += 1
-        self.rounds_replayed += len(entries)
+        self.rounds_replayed += len({e[0] for e in entries})
         self.lost.discard(s)
 
     def checkpointed(self, folder: str) -> None:
@@ -141,27 +162,25 @@ class Recorder:
         if self.log is not None:
             self.log.clear()
 
-    def deliveries_for_shards(self) -> list[dict]:
+    def deliveries_for_shards(self) -> list:
         for s in sorted(self.lost):
             self._rebuild(s)
-        parts = route(self.pending, self.n_shards, self.n_blocks)
-        self.pending = protocol.empty_deliveries(self.n_blocks)  # routed (copies): free it now
+        parts = self.pending.route(self.n_shards)
+        self.pending = self.cloud.empty_deliveries()  # routed (copies): free it now
         for s, carried in self.carry.items():
-            parts[s] = protocol.merge(carried, parts[s], self.n_blocks)
-        for s in self.tables:  # finished: what comes after the last window is not delivered
-            parts[s] = protocol.empty_deliveries(self.n_blocks)
+            parts[s] = type(carried).concat([carried, parts[s]])
         self.carry, self.sent = {}, parts
         return parts
 
-    def collect(self, r: int, parts: list[tuple]) -> None:
-        """parts: (shard, requests, metrics, device table or None) from each shard that
-        answered. A shard missing (its ClientApp raised, or its node did not answer) catches
-        up with its next round: its deliveries are re-sent then, and its devices replay the
-        missed window's events then."""
-        parts = sorted(parts, key=lambda p: p[0])
-        answered = {p[0] for p in parts}
+    def collect(self, r: int, k: int, replies: list[Reply]) -> bool:
+        """The replies of every shard that answered exchange k of round r. A shard missing (its
+        ClientApp raised, or its node did not answer) catches up with the next exchange: its
+        deliveries are re-sent then. Returns whether the round needs another exchange."""
+        replies = sorted(replies, key=lambda p: p.shard)
+        answered = {p.shard for p in replies}
+        window = self.window(r)
         if self.log is not None:
-            self.log.append((r, self.window(r), self.sent, answered))
+            self.log.append((r, k, window, self.sent, answered))
         for s in range(self.n_shards):
             if s in answered:
                 self.failures_in_row[s] = 0
@@ -173,34 +192,44 @@ class Recorder:
             if self.sent:
                 self.carry[s] = self.sent[s]
             if self.failures_in_row[s] >= self.max_shard_failures:
-                raise FlSimError(f"shard {s} failed {self.failures_in_row[s]} rounds in a row (round {r}; "
+                raise FlSimError(f"shard {s} failed {self.failures_in_row[s]} exchanges in a row (round {r}; "
                                  f"faults.max_shard_failures={self.max_shard_failures}); last error: "
                                  f"{self.errors.get(s)}{RESUME_HINT}")
         self._reported = set()
-        parts = [p for p in parts if p[0] not in self.tables]  # finished shards: nothing more to take
-        requests = self.cloud.admit([p[1] for p in parts])
-        kind, t0, t1, _ = self.window(r)
-        if len(requests["device"]):
-            asked = ~requests["bootstrap"]
-            self.request_log.append((requests["device"][asked], requests["time"][asked]))
-        self.pending = self.cloud.answer(requests, t1)
-        row = {"round": r, "kind": kind, "t0": t0, "t1": t1, "requests": int((~requests["bootstrap"]).sum())
-               if len(requests["device"]) else 0, "delivered": int(len(self.pending["device"]))}
+        requests = self.cloud.admit([p.requests for p in replies])
+        asked = ~requests.first
+        if asked.any():
+            self.request_log.append((requests.device[asked], requests.time[asked]))
+        self.pending = self.cloud.answer(requests)
+        kind, t0, t1, _ = window
+        if self._row is None:
+            self._row = {"round": r, "kind": kind, "t0": t0, "t1": t1, "exchanges": 0, "requests": 0, "delivered": 0,
+                         "events": 0.0, "scored": 0.0, "ndcg_sum": 0.0, "hit_sum": 0.0}
+        row = self._row
+        row["exchanges"] += 1
+        row["requests"] += int(asked.sum())
+        row["delivered"] += len(self.pending)
         for key in ("events", "scored", "ndcg_sum", "hit_sum"):
-            row[key] = float(sum(p[2].get(key, 0.0) for p in parts))
+            row[key] += float(sum(p.metrics.get(key, 0.0) for p in replies))
+        for p in replies:
+            if p.table is not None:
+                self.tables[p.shard] = p.table
+                self.installs[p.shard] = p.installs
+        failed = len(answered) < self.n_shards
+        return failed or any(p.parked for p in replies) or len(self.pending) > 0 or len(self.pending.refused) > 0
+
+    def end_round(self, r: int) -> None:
+        row, self._row = self._row, None
         now = time.perf_counter()
         row["wall_s"], self._clock = now - self._clock, now  # since the previous round ended
         self.rounds.append(row)
-        for shard, _, _, table in parts:
-            if table is not None and shard not in self.tables:
-                self.tables[shard] = table
         if self.progress:
             self.progress(row)
         if self.on_round_end:
             self.on_round_end(r)
 
     # ---- checkpoints (fl_sim.resume) --------------------------------------------------------
-    STATE = ("pending", "rounds", "tables", "failed_shards", "failures_in_row", "carry", "request_log",
+    STATE = ("pending", "rounds", "tables", "installs", "failed_shards", "failures_in_row", "carry", "request_log",
              "nodes_lost", "rounds_replayed")
 
     def state(self) -> dict:
@@ -220,6 +249,11 @@ class Recorder:
 
     def device_table(self) -> dict[str, np.ndarray]:
         tables = [self.tables[s] for s in sorted(self.tables)]
-        merged = protocol.concat(tables)
+        merged = {k: np.concatenate([t[k] for t in tables]) for k in tables[0]}
         order = np.argsort(merged["device"])
         return {k: v[order] for k, v in merged.items()}
+
+    def install_table(self) -> np.ndarray:
+        """(device, request time, install time) of every answer installed after deployment."""
+        parts = [self.installs[s] for s in sorted(self.installs) if self.installs[s] is not None]
+        return np.concatenate(parts) if parts else np.zeros((0, 3))

@@ -49,8 +49,8 @@ class Faults:
     payload_corrupt: float = 0.0     # probability a download arrives with a flipped byte
     payload_truncate: float = 0.0    # probability a download arrives cut short
     max_download_attempts: int = 4   # attempts per delivery before the device gives up on it
-    cloud_capacity: int | None = None  # requests the cloud answers per round (None: all)
-    cloud_queue: int = 0             # requests beyond capacity that may wait for a later round
+    cloud_capacity: float | None = None  # requests the cloud answers per simulated second (None: no limit)
+    cloud_queue: int = 0             # requests that may wait in the cloud's queue; a further one is refused
 
     @classmethod
     def from_cfg(cls, cfg) -> "Faults":
@@ -84,20 +84,21 @@ class Faults:
         return outcome.astype(np.int8), where
 
 
-def checksum(blocks: np.ndarray, rows: list) -> int:
-    """CRC-32 of a delivered sub-model: its block mask, then each kept block's fp32 weights
-    in block order (what the cloud sends and the device verifies); equals
-    zlib.crc32(payload(blocks, rows))."""
+def checksum(blocks: np.ndarray, rows: list, candidates=()) -> int:
+    """CRC-32 of a delivery: its block mask, each kept block's fp32 weights in block order,
+    then the candidate ids (what the cloud sends and the device verifies); equals
+    zlib.crc32(payload(blocks, rows, candidates))."""
     crc = zlib.crc32(np.ascontiguousarray(blocks, dtype=np.uint8).tobytes())
     for row in rows:
         crc = zlib.crc32(np.ascontiguousarray(row, dtype=np.float32), crc)
-    return crc
+    return zlib.crc32(np.ascontiguousarray(candidates, dtype=np.int64), crc)
 
 
-def payload(blocks: np.ndarray, rows: list) -> bytes:
-    """The bytes of a delivered sub-model, in checksum order."""
+def payload(blocks: np.ndarray, rows: list, candidates=()) -> bytes:
+    """The bytes of a delivery, in checksum order."""
     parts = [np.ascontiguousarray(blocks, dtype=np.uint8).tobytes()]
     parts += [np.ascontiguousarray(row, dtype=np.float32).tobytes() for row in rows]
+    parts.append(np.ascontiguousarray(candidates, dtype=np.int64).tobytes())
     return b"".join(parts)
 
 

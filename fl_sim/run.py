@@ -62,8 +62,10 @@ def simulate(cfg: DictConfig) -> dict:
     if f.download_drop + f.payload_corrupt + f.payload_truncate > 1:
         raise ConfigError("faults.download_drop + faults.payload_corrupt + faults.payload_truncate must be <= 1")
     cand = cfg.sim.candidates
-    if cand != "full" and not (isinstance(cand, int) and cand >= 10):
+    if cand != "full" and not (isinstance(cand, int) and not isinstance(cand, bool) and cand >= 10):
         raise ConfigError(f"sim.candidates must be full or a number of items >= 10, got {cand!r}")
+    if cfg.sim.precision not in ("fp32", "fp16", "int8"):
+        raise ConfigError(f"sim.precision must be fp32, fp16 or int8, got {cfg.sim.precision!r}")
     out = output_dir()
     n_shards = max(1, min(int(cfg.sim.nodes or os.cpu_count() or 1), int(cfg.num_clients)))
     backends: list = []  # at most one; a list so that it is closed whatever happens
@@ -153,6 +155,7 @@ def _simulate(cfg: DictConfig, out: Path, n_shards: int, backends: list, start: 
 def write_results(cfg, out: Path, rec: Recorder, streams, cloud, n_shards, cached, start, sim_wall,
                   memory: PeakMemory) -> dict:
     dev = rec.device_table()
+    installs = rec.install_table()
     fleet = build_fleet(cfg.devices, streams.inter.n_users, cfg.seed)
     table = pd.DataFrame({k: v for k, v in dev.items()})
     table["tier"] = fleet.tier[table["device"]]
@@ -186,6 +189,8 @@ def write_results(cfg, out: Path, rec: Recorder, streams, cloud, n_shards, cache
         "bytes_per_device_per_day": float((table["bytes_up"].sum() + table["bytes_down"].sum())
                                           / len(table) / max(sim_time / 86400, 1e-9)),
         "bytes_first_model": float(table["bytes_first"].sum()),  # the download at deployment
+        "bytes_down_model": float(table["bytes_model"].sum()),  # sub-model weights delivered
+        "bytes_down_candidates": float(table["bytes_candidates"].sum()),  # candidate ids and embeddings delivered
         "update_bytes_per_device_per_day": float((table["bytes_up"].sum() + table["bytes_down"].sum()
                                                   - table["bytes_first"].sum()) / len(table)
                                                  / max(sim_time / 86400, 1e-9)),
@@ -195,16 +200,19 @@ def write_results(cfg, out: Path, rec: Recorder, streams, cloud, n_shards, cache
         "train_flops_per_device_per_day": float(table["train_flops"].sum() / len(table) / max(sim_time / 86400, 1e-9)),
         "budget_violations": int(table["budget_violations"].sum()),
         "budget_unservable": cloud.counts["unservable"],
-        # every request is answered, unservable, refused (by reason) or still queued at the end
-        "requests_answered": cloud.counts["answered"] - cloud.counts["bootstrap"],
-        "requests_unservable": cloud.counts["unservable"] - cloud.counts["bootstrap_unservable"],
-        "requests_refused": dict(sorted(cloud.refused.items())),  # malformed, by reason
-        "requests_not_served": int(table["not_served"].sum()),  # refused or unservable, told to the device
+        # every request is answered, unservable or refused (by reason)
+        "requests_answered": cloud.counts["answered"] - cloud.counts["first"],
+        "requests_unservable": cloud.counts["unservable"] - cloud.counts["first_unservable"],
+        "requests_refused": dict(sorted(cloud.refused.items())),  # malformed or over capacity, by reason
+        "requests_not_served": int(table["not_served"].sum()),  # refused, unservable or given up, told to the device
         "over_budget_events": int(table["over_budget_events"].sum()),
         "offline_deferred": int(table["offline_deferred"].sum()),
         "download_retries": int(table["offline_waits"].sum()),  # offline at the answer: waited to be online
+        "request_to_install_s": install_delays(installs, fleet),
+        "by_tier": by_group(table, "tier", installs, fleet),
+        "by_link": by_group(table, "link_class", installs, fleet),
         "faults": {  # what went wrong and how it was handled (conf/faults); zero in a clean run
-            "shard_rounds_failed": rec.failed_shards,  # each caught up with the shard's next round
+            "shard_rounds_failed": rec.failed_shards,  # each caught up with the shard's next exchange
             "nodes_lost": rec.nodes_lost,  # shards rebuilt from a checkpoint (node gone, or failed part-way)
             "rounds_replayed": rec.rounds_replayed,  # to rebuild them
             "catch_up_rounds": max(0, len(rec.rounds) - rec.sched.rounds - 1),
@@ -213,7 +221,6 @@ def write_results(cfg, out: Path, rec: Recorder, streams, cloud, n_shards, cache
             "bytes_wasted": float(table["bytes_wasted"].sum()),  # moved by failed download attempts
             "requests_queued": cloud.capacity.queued, "max_queue": cloud.capacity.max_queue,
             "requests_refused_capacity": cloud.refused.get("capacity", 0),
-            "requests_waiting_at_end": int(len(cloud.capacity.queue["device"])),
         },
         "failed_shards": rec.failed_shards,
         "sim_time_s": sim_time, "t_start": rec.sched.t0, "t_end": rec.sched.t0 + sim_time,
@@ -229,6 +236,45 @@ def write_results(cfg, out: Path, rec: Recorder, streams, cloud, n_shards, cache
     _plot(rounds, out)
     shutil.rmtree(out / ".sim", ignore_errors=True)
     return summary
+
+
+def _quantiles(x: np.ndarray) -> dict:
+    if not len(x):
+        return {"n": 0, "median": None, "p90": None}
+    return {"n": int(len(x)), "median": float(np.median(x)), "p90": float(np.quantile(x, 0.9))}
+
+
+def install_delays(installs: np.ndarray, fleet) -> dict:
+    """Seconds from a request to its answer installed (upload, the cloud's queue and time,
+    download with its waits and retries), overall and per link class."""
+    delay = installs[:, 2] - installs[:, 1]
+    link = fleet.link_class[installs[:, 0].astype(np.int64)]
+    out = {"all": _quantiles(delay)}
+    out.update({str(c): _quantiles(delay[link == c]) for c in np.unique(fleet.link_class)})
+    return out
+
+
+def by_group(table: pd.DataFrame, column: str, installs: np.ndarray, fleet) -> dict:
+    """Per device tier (or link class): requests, the share of answers whose budget removed
+    blocks the structure chose, mean kept blocks and FLOPs of the answers, FLOPs per inference,
+    NDCG@10, and the request-to-install delay."""
+    out = {}
+    group_of = getattr(fleet, column)[installs[:, 0].astype(np.int64)]
+    for name, g in table.groupby(column, sort=True):
+        answers = float(g["answers"].sum())
+        scored = float(g["scored"].sum())
+        delay = installs[group_of == name]
+        out[str(name)] = {
+            "devices": int(len(g)), "requests": int(g["requests"].sum()), "answers": int(answers),
+            "share_budget_cut": float(g["budget_cut"].sum() / answers) if answers else None,
+            "mean_kept_blocks": float(g["kept_blocks_sum"].sum() / answers) if answers else None,
+            "mean_answer_flops": float(g["answer_flops_sum"].sum() / answers) if answers else None,
+            "mean_flops_per_inference": float(g["flops"].sum() / scored) if scored else None,
+            "ndcg10": float(g["ndcg"].sum() / scored) if scored else None,
+            "hit10": float(g["hit"].sum() / scored) if scored else None,
+            "request_to_install_s": _quantiles(delay[:, 2] - delay[:, 1]),
+        }
+    return out
 
 
 def stream_ordinal(streams, device: np.ndarray, t: np.ndarray) -> np.ndarray:

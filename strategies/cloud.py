@@ -1,57 +1,88 @@
-"""The cloud's answer to a round's requests: one batched pass of the mapper.
+"""The cloud's answer to requests: one batched pass of the mapper plus retrieval.
 
-For every request the cloud sees (beta, h) and the budget, never items. It assembles each
-device's sub-model from the blocks that fit (fl_sim.models.assemble), answers at the end of
-the round's batch plus its own latency, and counts what it could not serve.
+For every request the cloud sees (beta, h), a user vector and the budget, never items. It
+assembles each device's sub-model from the blocks that fit (fl_sim.models.assemble), retrieves
+the top `sim.candidates` items for the user vector (items of the history it holds for that
+device left out), and answers when its own time allows: the request's arrival, any wait in
+its queue (`faults.cloud_capacity`, requests per simulated second), then `sim.cloud_latency_s`.
+Nothing here depends on how requests were batched, so a round's length changes no answer.
 """
 
 from __future__ import annotations
 
+from collections import deque
+
 import numpy as np
 import torch
 
-from fl_sim import protocol, runfiles
+from fl_sim import runfiles
 from fl_sim.faults import Faults, checksum
-from strategies import validate
+from fl_sim.models import cost
 from fl_sim.models.assemble import assemble_batch
 from fl_sim.models.forward_ofa import argmax_gate
+from fl_sim.protocol import Deliveries, Requests
+from strategies import validate
+
+ID_BYTES = 4  # an item id on the wire
+
+
+def candidate_count(cfg, n_items: int) -> int:
+    """Items shipped per answer (0: the device holds the whole catalogue)."""
+    return 0 if cfg.sim.candidates == "full" else min(int(cfg.sim.candidates), n_items)
 
 
 class Cloud:
     def __init__(self, run_dir: str):
-        self.cfg = runfiles.load_config(run_dir)
+        self.cfg = cfg = runfiles.load_config(run_dir)
         self.model = runfiles.load_model(run_dir)
-        self.L = self.model.backbone.n_blocks
-        self.latency = float(self.cfg.sim.cloud_latency_s)
+        bb = self.model.backbone
+        self.L, self.d = bb.n_blocks, bb.d
+        self.latency = float(cfg.sim.cloud_latency_s)
         self.h_dim = self.model.extractor.gru.hidden_size if self.model.extractor is not None else 0
-        self.n_devices = runfiles.load_streams(run_dir).n_devices
-        self.counts = {"answered": 0, "unservable": 0, "bootstrap": 0, "bootstrap_unservable": 0}
-        faults = Faults.from_cfg(self.cfg)
-        self.capacity = Capacity(faults.cloud_capacity, faults.cloud_queue, self.L, self.h_dim)
+        s = runfiles.load_streams(run_dir)
+        self.n_devices = s.n_devices
+        self.n_cand = candidate_count(cfg, s.n_items)
+        self.precision = str(cfg.sim.precision)
+        self.items = bb.item_emb.weight[1:].detach()
+        # What the cloud holds legitimately: each device's history before T0 (left out of retrieval).
+        lengths = s.split - s.indptr[:-1]
+        self.hist_ptr = np.concatenate([[0], np.cumsum(lengths)])
+        self.hist_items = np.concatenate([s.item[a:b] for a, b in zip(s.indptr[:-1], s.split)]).astype(np.int64) \
+            if lengths.sum() else np.zeros(0, np.int64)
+        # One model for everyone (device_rec, finetune): its weights ship once, with the first answer.
+        self.static = self.model.mapper is None and self.model.spec.structure == "all"
+        self.counts = {"answered": 0, "unservable": 0, "first": 0, "first_unservable": 0}
+        faults = Faults.from_cfg(cfg)
+        self.capacity = Capacity(faults.cloud_capacity, faults.cloud_queue)
         self.refused: dict[str, int] = {}  # malformed requests by reason (strategies/validate.py)
         self._told: list[np.ndarray] = []  # devices to tell their request was not served
 
-    def admit(self, parts: list[dict]) -> dict:
-        """The round's requests from every shard as one batch sorted by device (so the batch
-        does not depend on sharding), malformed ones refused and counted."""
+    def empty_deliveries(self) -> Deliveries:
+        return Deliveries.empty(self.L, self.n_cand)
+
+    def empty_requests(self) -> Requests:
+        return Requests.empty(self.L, self.h_dim, self.d)
+
+    def admit(self, parts: list[Requests | dict]) -> Requests:
+        """Requests from every shard as one batch sorted by device (so the batch does not depend
+        on sharding), malformed ones refused and counted."""
         good = []
         for part in parts:
-            why = validate.check_part(part, self.L, self.h_dim)
+            arrays = part.arrays() if isinstance(part, Requests) else part
+            why = validate.check_part(arrays, self.L, self.h_dim, self.d)
             if why is None:
-                good.append(part)
+                good.append(Requests(**{k: arrays[k] for k in validate.REQUEST_KEYS}))
                 continue
-            dev = np.asarray(part.get("device", np.zeros(0)))
+            dev = np.asarray(arrays.get("device", np.zeros(0)))
             self._refuse(why, max(len(dev) if dev.ndim == 1 else 1, 1), dev if dev.ndim == 1 else None)
         if not good:
-            return protocol.empty_requests(self.L, self.h_dim)
-        req = protocol.concat(good)
-        order = np.argsort(req["device"], kind="stable")
-        req = {k: v[order] for k, v in req.items()}
-        reason = validate.check_rows(req, self.n_devices)
+            return self.empty_requests()
+        req = Requests.concat(good)
+        req = req.take(np.argsort(req.device, kind="stable"))
+        reason = validate.check_rows(req.arrays(), self.n_devices)
         for why in np.unique(reason[reason != ""]):
-            self._refuse(str(why), int((reason == why).sum()), req["device"][reason == why])
-        ok = reason == ""
-        return {k: v[ok] for k, v in req.items()}
+            self._refuse(str(why), int((reason == why).sum()), req.device[reason == why])
+        return req.take(reason == "")
 
     def _refuse(self, why: str, n: int, devices) -> None:
         self.refused[why] = self.refused.get(why, 0) + n
@@ -72,65 +103,97 @@ class Cloud:
                                                                                     "capacity"))
 
     @torch.no_grad()
-    def answer(self, req: dict, batch_time: float) -> dict:
-        """Deliveries for the requests gathered up to `batch_time` (the round's end), and the
-        devices whose request was refused or could not be served (`refused`)."""
-        req, refused = self.capacity.take(req)
-        if len(refused):
-            self._refuse("capacity", len(refused), refused)
-        if len(req["device"]) == 0:
-            return {**protocol.empty_deliveries(self.L), "refused": self._not_served(np.zeros(0, np.int64))}
-        beta = torch.from_numpy(req["beta"])
-        h = torch.from_numpy(req["h"]) if req["h"].shape[1] else None
+    def answer(self, req: Requests) -> Deliveries:
+        """Deliveries for the requests, and the devices whose request was refused or could not
+        be served (`refused`)."""
+        start, refused = self.capacity.schedule(req.ready_time, req.first, req.device)
+        if refused.any():
+            self._refuse("capacity", int(refused.sum()), req.device[refused])
+        req, start = req.take(~refused), start[~refused]
+        if len(req) == 0:
+            out = Deliveries.empty(self.L, self.n_cand)
+            out.refused = self._not_served(np.zeros(0, np.int64))
+            return out
+        beta = torch.from_numpy(req.beta)
+        h = torch.from_numpy(req.h) if req.h.shape[1] else None
+        inf = np.full(len(req), np.inf)
+        budget_f, budget_p = (inf, inf) if self.static else (req.max_flops, req.max_params)
         a = assemble_batch(self.model, beta if self.model.controller is not None else None, argmax_gate(beta), h,
-                           req["max_flops"], req["max_params"])
-        self.counts["unservable"] += int((~a.fits).sum())
-        self.counts["answered"] += int(a.fits.sum())
-        self.counts["bootstrap"] += int((a.fits & req["bootstrap"]).sum())
-        self.counts["bootstrap_unservable"] += int((~a.fits & req["bootstrap"]).sum())
-        keep = np.flatnonzero(a.fits)
-        new_index = np.full(len(a.fits), -1)
-        new_index[keep] = np.arange(len(keep))
-        answer_time = np.where(req["bootstrap"], req["ready_time"],
-                               np.maximum(req["ready_time"], batch_time) + self.latency)
-        out = {"device": req["device"][keep], "answer_time": answer_time[keep], "blocks": a.keep[keep],
-               "payload_bytes": a.payload_bytes[keep].astype(np.int64), "bootstrap": req["bootstrap"][keep],
-               "refused": self._not_served(req["device"][~a.fits])}
-        per_device: list[list] = [[] for _ in keep]  # each sub-model's weight rows, in block order
-        if self.model.mapper is not None:  # shared weights (no mapper) are on the device already
-            for k, rows in sorted(a.rows.items()):
-                served = a.fits[rows]
-                out[f"rows_{k}"] = new_index[rows[served]]
-                out[f"flat_{k}"] = a.flat[k][torch.from_numpy(served)].numpy() if not served.all() else a.flat[k].numpy()
-                for r, row in zip(out[f"rows_{k}"], out[f"flat_{k}"]):
-                    per_device[r].append(row)
-        out["checksum"] = np.array([checksum(b, rows) for b, rows in zip(out["blocks"], per_device)], dtype=np.int64)
+                           budget_f, budget_p, catalogue=self.n_cand or None)
+        fits = a.fits
+        self.counts["unservable"] += int((~fits).sum())
+        self.counts["answered"] += int(fits.sum())
+        self.counts["first"] += int((fits & req.first).sum())
+        self.counts["first_unservable"] += int((~fits & req.first).sum())
+        keep = np.flatnonzero(fits)
+        wanted = argmax_gate(beta).numpy() >= 0.5
+        model_bytes = a.payload_bytes.astype(np.int64)
+        if self.static:  # the one model ships once; later answers bring candidates only
+            model_bytes = np.where(req.first, model_bytes, 0)
+        cand = self.retrieve(req.device[keep], req.user[keep])
+        n = cand.shape[1]
+        cand_bytes = n * ID_BYTES + cost.payload_bytes(n * self.d, 1, self.precision) if n else 0
+        answer_time = np.where(req.first, req.ready_time, start + self.latency)
+        out = Deliveries(device=req.device[keep], request_time=req.time[keep], answer_time=answer_time[keep],
+                         blocks=a.keep[keep], cut=(wanted & ~a.keep).any(1)[keep], model_bytes=model_bytes[keep],
+                         candidate_bytes=np.full(len(keep), cand_bytes, np.int64), candidates=cand,
+                         checksum=np.zeros(len(keep), np.int64), first=req.first[keep],
+                         weights=[None] * self.L, refused=self._not_served(req.device[~fits]))
+        if self.model.mapper is not None:  # shared weights are on the device already
+            served = torch.from_numpy(fits)
+            for k, rows in a.rows.items():
+                w = a.flat[k][served[torch.from_numpy(rows)]] if not fits.all() else a.flat[k]
+                out.weights[k] = w.numpy()
+        rows = out.weight_rows()
+        out.checksum[:] = [checksum(out.blocks[i], rows[i], out.candidates[i]) for i in range(len(out))]
         return out
+
+    def retrieve(self, device: np.ndarray, user: np.ndarray) -> np.ndarray:
+        """The top-N items for each user vector, items of the device's history left out."""
+        if not self.n_cand:
+            return np.zeros((len(device), 0), np.int64)
+        scores = torch.from_numpy(user) @ self.items.T
+        lo, hi = self.hist_ptr[device], self.hist_ptr[device + 1]
+        rows = np.repeat(np.arange(len(device)), hi - lo)
+        cols = self.hist_items[np.concatenate([np.arange(a, b) for a, b in zip(lo, hi)])] if len(rows) else rows
+        scores[torch.from_numpy(rows), torch.from_numpy(cols)] = -torch.inf
+        return torch.topk(scores, self.n_cand, dim=1).indices.numpy().astype(np.int64)
 
 
 class Capacity:
-    """The cloud's limit per round (faults.cloud_capacity; None: no limit). A round's batch
-    serves the queue first (oldest), then the round's requests in the order they became ready,
-    up to `capacity`; the next `queue_limit` wait for a later round, the rest are refused.
-    First models (bootstrap) are deployment, outside capacity."""
+    """The cloud as one first-come-first-served server answering `rate` requests per simulated
+    second (None: no limit). A request starts when it has arrived and the server is free; one
+    that would find `limit` requests already waiting is refused (the device is told and may ask
+    again). First models (deployment) are outside capacity. Requests are taken in the order of
+    their arrival within each batch the cloud receives; across batches, a request that reaches
+    the cloud's exchange late is queued behind those already taken (with no limit set, the order
+    changes nothing)."""
 
-    def __init__(self, capacity: int | None, queue_limit: int, n_blocks: int, h_dim: int):
-        self.capacity, self.limit = capacity, queue_limit
-        self.queue = protocol.empty_requests(n_blocks, h_dim)
-        self.queued = self.max_queue = 0  # requests that waited at least one round; longest queue
+    def __init__(self, rate: float | None, limit: int):
+        self.rate, self.limit = rate, limit
+        self.free_at = -np.inf
+        self.starts: deque = deque()  # start times of accepted requests still ahead of the newest arrival
+        self.queued = self.max_queue = 0  # requests that waited; the longest queue met on arrival
 
-    def take(self, req: dict) -> tuple[dict, np.ndarray]:
-        """(the requests this batch serves, the devices refused)."""
-        if self.capacity is None:
-            return req, np.zeros(0, np.int64)
-        boot = req["bootstrap"]
-        new = np.flatnonzero(~boot)
-        new = new[np.lexsort((req["device"][new], req["ready_time"][new]))]  # first come, first served
-        n_queue = len(self.queue["device"])
-        waiting = protocol.concat([self.queue, protocol.take(req, new)])
-        n, cap, limit = len(waiting["device"]), self.capacity, self.limit
-        self.queued += max(0, min(cap + limit, n) - max(cap, n_queue))  # this round's that wait
-        self.queue = protocol.take(waiting, slice(cap, cap + limit))
-        self.max_queue = max(self.max_queue, len(self.queue["device"]))
-        served = protocol.concat([protocol.take(req, boot), protocol.take(waiting, slice(0, cap))])
-        return served, waiting["device"][cap + limit:]
+    def schedule(self, ready: np.ndarray, first: np.ndarray, device: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(the time each request starts being served, the requests refused)."""
+        start = np.asarray(ready, dtype=float).copy()
+        refused = np.zeros(len(ready), bool)
+        if self.rate is None:
+            return start, refused
+        for i in np.lexsort((device, ready)):
+            if first[i]:
+                continue
+            while self.starts and self.starts[0] <= ready[i]:
+                self.starts.popleft()
+            waiting = len(self.starts)
+            if self.free_at > ready[i] and waiting >= self.limit:
+                refused[i] = True
+                continue
+            start[i] = max(ready[i], self.free_at)
+            self.free_at = start[i] + 1.0 / self.rate
+            if start[i] > ready[i]:
+                self.queued += 1
+                self.starts.append(start[i])
+                self.max_queue = max(self.max_queue, waiting + 1)
+        return start, refused

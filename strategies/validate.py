@@ -11,18 +11,20 @@ from __future__ import annotations
 
 import numpy as np
 
-REQUEST_KEYS = ("device", "time", "ready_time", "beta", "h", "max_flops", "max_params", "bootstrap")
+REQUEST_KEYS = ("device", "time", "ready_time", "beta", "h", "user", "max_flops", "max_params", "first")
 
 
-def check_part(part: dict, n_blocks: int, h_dim: int) -> str | None:
-    """A whole shard's requests: None if well formed, else the reason."""
+def check_part(part: dict, n_blocks: int, h_dim: int, d: int) -> str | None:
+    """A whole shard's requests (as arrays, fl_sim.protocol.Requests.arrays): None if well
+    formed, else the reason."""
     if not all(k in part for k in REQUEST_KEYS):
         return "shape"
     n = len(part["device"])
-    vectors = ("device", "time", "ready_time", "max_flops", "max_params", "bootstrap")
+    vectors = ("device", "time", "ready_time", "max_flops", "max_params", "first")
     if any(np.ndim(part[k]) != 1 or len(part[k]) != n for k in vectors):
         return "shape"
-    if np.shape(part["beta"]) != (n, n_blocks, 2) or np.shape(part["h"]) != (n, h_dim):
+    if (np.shape(part["beta"]) != (n, n_blocks, 2) or np.shape(part["h"]) != (n, h_dim)
+            or np.shape(part["user"]) != (n, d)):
         return "shape"
     return None
 
@@ -38,6 +40,7 @@ def check_rows(req: dict, n_devices: int) -> np.ndarray:
     dev = req["device"]
     mark((dev < 0) | (dev >= n_devices), "unknown_device")
     finite = (np.isfinite(req["beta"]).all(axis=(1, 2)) & np.isfinite(req["h"]).all(axis=1)
+              & np.isfinite(req["user"]).all(axis=1)
               & ~np.isnan(req["max_flops"]) & ~np.isnan(req["max_params"]) & np.isfinite(req["ready_time"]))
     mark(~finite, "not_finite")
     mark((req["max_flops"] < 0) | (req["max_params"] < 0), "negative_budget")

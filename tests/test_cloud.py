@@ -8,19 +8,21 @@ from strategies.validate import check_part, check_rows
 def requests(n=4, L=3, H=2):
     return {"device": np.arange(n, dtype=np.int64), "time": np.zeros(n), "ready_time": np.zeros(n),
             "beta": np.zeros((n, L, 2), np.float32), "h": np.zeros((n, H), np.float32),
-            "max_flops": np.full(n, 1e9), "max_params": np.full(n, 1e6), "bootstrap": np.zeros(n, bool)}
+            "user": np.zeros((n, 4), np.float32), "max_flops": np.full(n, 1e9), "max_params": np.full(n, 1e6),
+            "first": np.zeros(n, bool)}
 
 
 def test_whole_part_shapes():
-    assert check_part(requests(), n_blocks=3, h_dim=2) is None
-    assert check_part(requests(), n_blocks=4, h_dim=2) == "shape"  # beta for another model
-    assert check_part(requests(), n_blocks=3, h_dim=5) == "shape"
+    assert check_part(requests(), n_blocks=3, h_dim=2, d=4) is None
+    assert check_part(requests(), n_blocks=4, h_dim=2, d=4) == "shape"  # beta for another model
+    assert check_part(requests(), n_blocks=3, h_dim=5, d=4) == "shape"
+    assert check_part(requests(), n_blocks=3, h_dim=2, d=8) == "shape"  # a user vector of another size
     bad = requests()
     del bad["max_params"]
-    assert check_part(bad, 3, 2) == "shape"
+    assert check_part(bad, 3, 2, 4) == "shape"
     bad = requests()
     bad["time"] = np.zeros(3)
-    assert check_part(bad, 3, 2) == "shape"
+    assert check_part(bad, 3, 2, 4) == "shape"
 
 
 def test_rows_refused_by_reason():
@@ -39,22 +41,20 @@ def test_empty_and_h_free_batches():
     assert check_rows(requests(3, H=0), n_devices=10).tolist() == ["", "", ""]  # methods without h
 
 
-def test_capacity_serves_the_oldest_first_queues_the_next_and_refuses_the_rest():
+def test_capacity_is_a_rate_with_a_queue():
+    """One server at 1 request/s, 2 may wait: recomputed by hand."""
     from strategies.cloud import Capacity
 
-    cap = Capacity(capacity=2, queue_limit=2, n_blocks=3, h_dim=2)
-    req = requests(5)
-    req["ready_time"] = np.array([5.0, 1.0, 4.0, 2.0, 3.0])
-    served, refused = cap.take(req)
-    assert served["device"].tolist() == [1, 3]  # the first ready
-    assert cap.queue["device"].tolist() == [4, 2] and refused.tolist() == [0]
+    cap = Capacity(rate=1.0, limit=2)
+    ready = np.array([0.0, 0.2, 0.4, 0.6, 5.0])
+    first = np.zeros(5, bool)
+    start, refused = cap.schedule(ready, first, np.arange(5))
+    # 0 served at once; 1 and 2 wait (start 1, 2); 3 finds two waiting: refused; 4 comes after the queue drained
+    assert refused.tolist() == [False, False, False, True, False]
+    assert start[[0, 1, 2, 4]].tolist() == [0.0, 1.0, 2.0, 5.0]
     assert cap.queued == 2 and cap.max_queue == 2
-    later = requests(2)
-    later["device"] = np.array([7, 8])
-    later["bootstrap"] = np.array([True, False])  # a first model: outside capacity
-    served, refused = cap.take(later)
-    assert served["device"].tolist() == [7, 4, 2]  # the queue before the round's own
-    assert cap.queue["device"].tolist() == [8] and refused.tolist() == [] and cap.queued == 3
-    unlimited = Capacity(capacity=None, queue_limit=0, n_blocks=3, h_dim=2)
-    served, refused = unlimited.take(req)
-    assert served is req and len(refused) == 0
+    start, refused = cap.schedule(np.array([5.5, 5.5]), np.array([True, False]), np.array([7, 8]))
+    assert start.tolist() == [5.5, 6.0] and not refused.any()  # a first model is outside capacity
+    unlimited = Capacity(rate=None, limit=0)
+    start, refused = unlimited.schedule(ready, first, np.arange(5))
+    assert start.tolist() == ready.tolist() and not refused.any()

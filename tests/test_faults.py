@@ -8,9 +8,9 @@ import pytest
 
 from clients.download import download
 from fl_sim import faults as F
-from fl_sim import protocol
-from fl_sim.engine import Recorder, Schedule
+from fl_sim.engine import Recorder, Reply, Schedule
 from fl_sim.errors import FlSimError
+from fl_sim.protocol import Deliveries, Requests
 from helpers import SMALL, accounted, run_module, simulate
 
 
@@ -96,57 +96,65 @@ class NoCloud:
 
     counts, refused = {}, {}
 
+    def empty_deliveries(self):
+        return Deliveries.empty(2)
+
     def admit(self, parts):
-        return protocol.empty_requests(2, 0)
+        return Requests.empty(2, 0, 4)
 
-    def answer(self, req, batch_time):
-        return protocol.empty_deliveries(2)
+    def answer(self, req):
+        return Deliveries.empty(2)
 
 
-def test_a_failed_shard_catches_up_and_its_deliveries_are_resent():
+def reply(shard, table=None, parked=0):
+    return Reply(shard=shard, requests=Requests.empty(2, 0, 4), metrics={}, parked=parked, table=table,
+                 installs=np.zeros((0, 3)) if table is not None else None)
+
+
+def test_a_failed_shard_catches_up_with_the_next_exchange_and_its_deliveries_are_resent():
     sched = Schedule(t0=0.0, round_s=10.0, windows=np.array([0, 1]))
     rec = Recorder(NoCloud(), sched, n_shards=2, n_blocks=2, max_shard_failures=3)
-    empty = protocol.empty_requests(2, 0)
     table = {"device": np.array([0])}
     for r in (0, 1):
         assert rec.next_round() == r
         rec.deliveries_for_shards()
-        rec.collect(r, [(0, empty, {}, None), (1, empty, {}, None)])
-    rec.pending = {**protocol.empty_deliveries(2), "device": np.array([1]), "answer_time": np.array([5.0]),
-                   "blocks": np.ones((1, 2), bool), "payload_bytes": np.array([10]), "bootstrap": np.array([False]),
-                   "checksum": np.array([1])}
+        assert not rec.collect(r, 0, [reply(0), reply(1)])  # nobody waits: the round ends
+        rec.end_round(r)
+    one = Deliveries.empty(2)
+    one.device, one.answer_time, one.request_time = np.array([1]), np.array([5.0]), np.array([4.0])
+    one.blocks, one.cut, one.first = np.ones((1, 2), bool), np.zeros(1, bool), np.zeros(1, bool)
+    one.model_bytes, one.candidate_bytes, one.checksum = np.array([10]), np.array([0]), np.array([1])
+    one.candidates = np.zeros((1, 0), np.int64)
+    rec.pending = one
     assert rec.next_round() == 2 and rec.window(2)[3]  # the last window
     sent = rec.deliveries_for_shards()
-    assert list(sent[1]["device"]) == [1]
+    assert list(sent[1].device) == [1] and len(sent[0]) == 0
     rec.shard_failed(1, "injected", state_lost=False)
-    rec.collect(2, [(0, empty, {}, table)])  # shard 1 failed in the last round
+    assert rec.collect(2, 0, [reply(0, table)])  # shard 1 failed: another exchange
     assert rec.failed_shards == 1
-    assert rec.next_round() == 3  # a catch-up round for shard 1
-    kind, t0, t1, last = rec.window(3)
-    assert (kind, t0, t1, last) == ("window", 20.0, 20.0, True)
     again = rec.deliveries_for_shards()
-    assert list(again[1]["device"]) == [1] and len(again[0]["device"]) == 0  # re-sent; finished shard: none
-    rec.collect(3, [(0, empty, {}, {"device": np.array([99])}), (1, empty, {}, {"device": np.array([1])})])
-    assert rec.tables[0]["device"][0] == 0  # a finished shard's table is kept as it was
-    assert rec.next_round() is None
+    assert list(again[1].device) == [1] and len(again[0]) == 0  # re-sent
+    assert not rec.collect(2, 1, [reply(0, {"device": np.array([99])}), reply(1, {"device": np.array([1])})])
+    rec.end_round(2)
+    assert rec.rounds[-1]["exchanges"] == 2
+    assert rec.next_round() is None  # every shard's table is in: no catch-up round
 
 
-def test_a_shard_failing_round_after_round_stops_the_run():
+def test_a_shard_failing_exchange_after_exchange_stops_the_run():
     sched = Schedule(t0=0.0, round_s=10.0, windows=np.arange(10))
     rec = Recorder(NoCloud(), sched, n_shards=2, n_blocks=2, max_shard_failures=3)
-    empty = protocol.empty_requests(2, 0)
-    with pytest.raises(FlSimError, match="shard 1 failed 3 rounds in a row"):
-        for r in range(10):
+    with pytest.raises(FlSimError, match="shard 1 failed 3 exchanges in a row"):
+        for k in range(10):
             rec.deliveries_for_shards()
             rec.shard_failed(1, "injected", state_lost=False)
-            rec.collect(r, [(0, empty, {}, None)])
+            rec.collect(1, k, [reply(0)])
 
 
 def test_a_shard_lost_without_checkpoints_stops_the_run_with_the_reason():
     sched = Schedule(t0=0.0, round_s=10.0, windows=np.arange(3))
     rec = Recorder(NoCloud(), sched, n_shards=2, n_blocks=2)
     rec.deliveries_for_shards()
-    rec.collect(0, [(0, protocol.empty_requests(2, 0), {}, None)])  # shard 1: no reply, no reason
+    rec.collect(0, 0, [reply(0)])  # shard 1: no reply, no reason
     with pytest.raises(FlSimError, match="shard 1 lost its devices' state .no reply.; with sim.checkpoint_every"):
         rec.deliveries_for_shards()
 
@@ -154,7 +162,7 @@ def test_a_shard_lost_without_checkpoints_stops_the_run_with_the_reason():
 def test_a_faulty_fleet_run_loses_nothing_and_counts_every_fault(tmp_path, cache):
     # duet: every request ships every block (the small model's controller may ship none)
     summary, _ = simulate(tmp_path, "flaky", "method=duet", "sim.backend=inprocess", "sim.nodes=2", "faults=flaky",
-                          "faults.shard_fail=0.15", "faults.cloud_capacity=2", "faults.cloud_queue=2",
+                          "faults.shard_fail=0.15", "faults.cloud_capacity=0.001", "faults.cloud_queue=2",
                           "faults.payload_corrupt=0.2", "faults.payload_truncate=0.1", "faults.download_drop=0.1",
                           cache=cache)
     f = summary["faults"]

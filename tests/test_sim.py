@@ -55,33 +55,28 @@ def test_ray_backend_matches_inprocess(tmp_path, cache):
     assert len(pd.read_parquet(out / "devices.parquet")) == 40
 
 
-def test_session_candidates_rank_by_hand():
-    from types import SimpleNamespace
-
-    import numpy as np
-    import torch
-
-    from clients.shard import Shard
-
-    # One device, events 0-1 in one session, event 2 opens the next; a cache of 2 items.
-    shard = SimpleNamespace(devices=np.array([0]), num_candidates=2, cand=np.full((1, 2), -1),
-                            s=SimpleNamespace(split=np.array([0]), session=np.array([0, 0, 1])))
-    scores = torch.tensor([[5.0, 4.0, 3.0, 0.0, 0.0],   # cache {0, 1}; target 1 ranks 2nd
-                           [1.0, 2.0, 9.0, 0.0, 0.0],   # same cache; target 0 ranks 2nd (item 2 not cached)
-                           [0.0, 0.0, 1.0, 7.0, 8.0]])  # new session: cache {4, 3}; target 0 not in it
-    rank = Shard._rank_in_session_candidates(shard, scores, torch.tensor([1, 0, 0]), np.zeros(3, dtype=int),
-                                             np.arange(3))
-    assert rank.tolist() == [1, 1, 2]  # 2 = outside the cache: a miss
-    assert sorted(shard.cand[0].tolist()) == [3, 4]  # the latest session's cache is kept
+def test_candidate_errors_name_the_key(tmp_path):
+    for value in ("5", "100000"):  # below 10; above the catalogue
+        res = run_module("fl_sim.run", *SMALL, f"sim.candidates={value}", f"output_dir={tmp_path / value}")
+        assert res.returncode == 2 and "sim.candidates" in res.stderr, res.stderr[-500:]
+    for key in ("devices.latency_s=0", "devices.compute_share=1.5", "devices.memory_share=-1"):
+        res = run_module("fl_sim.run", *SMALL, key, f"output_dir={tmp_path / 'x'}")
+        assert res.returncode == 2 and key.split("=")[0] in res.stderr, res.stderr[-500:]
 
 
-def test_session_candidates_in_a_run(tmp_path, cache):
-    summary, _ = simulate(tmp_path, "cand", "sim.backend=inprocess", "sim.candidates=50", cache=cache)
-    assert summary["events_total"] == (summary["events_evaluated"] + summary["events_no_context"]
-                                       + summary["events_no_model"])
-    assert 0 < summary["hit10"] < 1
-    res = run_module("fl_sim.run", *SMALL, "sim.candidates=5", f"output_dir={tmp_path / 'bad'}")
-    assert res.returncode == 2 and "sim.candidates" in res.stderr
+def test_results_do_not_depend_on_the_round_length(tmp_path, cache):
+    """Answers install when the network delivers them, inside a round too: 10-minute, 1-hour and
+    4-hour rounds give the same run."""
+    runs = [simulate(tmp_path, f"r{r}", "sim.backend=inprocess", "sim.max_rounds=null", "dataset.days=3",
+                     f"sim.round_s={r}", cache=cache)[0] for r in (600, 3600, 14400)]
+    assert runs[0]["rounds"] > runs[1]["rounds"] > runs[2]["rounds"]
+    for other in runs[1:]:
+        for key in ("events_total", "events_evaluated", "events_no_model", "requests", "requests_answered",
+                    "bytes_up", "bytes_down", "bytes_down_candidates", "offline_deferred", "budget_violations",
+                    "request_to_install_s", "by_tier"):
+            assert other[key] == runs[0][key], key
+        for key in ("ndcg10", "hit10", "mean_flops_per_inference"):
+            assert other[key] == pytest.approx(runs[0][key], rel=1e-9), key
 
 
 def test_finetune_trains_on_device_whatever_the_sharding(tmp_path, cache):

@@ -5,8 +5,8 @@ Select one with `trigger=NAME` (conf/trigger/) or your own with `trigger._target
 """
 
 from clients.triggers.base import DeviceView, Trigger
-from clients.triggers.builtin import (Always, BandwidthAware, Budgeted, Drift, EverySession, Never, Periodic,
+from clients.triggers.builtin import (Always, AnyOf, BandwidthAware, Budgeted, Drift, EverySession, Never, Periodic,
                                       RandomRate, Uncertainty, Wrapper)
 
-__all__ = ["DeviceView", "Trigger", "Wrapper", "Never", "Always", "EverySession", "Periodic", "Drift",
+__all__ = ["DeviceView", "Trigger", "Wrapper", "AnyOf", "Never", "Always", "EverySession", "Periodic", "Drift",
            "Uncertainty", "RandomRate", "Budgeted", "BandwidthAware"]

@@ -177,3 +177,29 @@ class BandwidthAware(Wrapper):
     def requested(self, mask: np.ndarray, view: DeviceView) -> None:
         super().requested(mask, view)
         self.waiting_since[view.index[mask]] = np.inf
+
+
+class AnyOf(Trigger):
+    """Requests when any of its triggers fires (e.g. the paper's protocol: a session starts, or
+    interests drift: `trigger=session_drift`). Every inner trigger sees every event."""
+
+    def __init__(self, triggers: list):
+        if not triggers:
+            raise ValueError("trigger.triggers: give at least one trigger")
+        if not all(isinstance(t, Trigger) for t in triggers):
+            raise ValueError("trigger.triggers: every entry must be a trigger (a _target_ naming a Trigger class)")
+        self.triggers = list(triggers)
+
+    def reset(self, n: int, seed: int) -> None:
+        for t in self.triggers:
+            t.reset(n, seed)
+
+    def decide(self, view: DeviceView) -> np.ndarray:
+        out = np.zeros(len(view), dtype=bool)
+        for t in self.triggers:
+            out |= np.asarray(t.decide(view), dtype=bool)
+        return out
+
+    def requested(self, mask: np.ndarray, view: DeviceView) -> None:
+        for t in self.triggers:
+            t.requested(mask, view)

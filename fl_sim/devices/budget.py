@@ -9,12 +9,18 @@ from fl_sim.devices.fleet import Fleet
 BYTES_PER_PARAM = 4  # fp32 weights in memory
 
 
-def budgets(fleet: Fleet, dev: np.ndarray, t, latency_s: float, memory_share: float) -> tuple[np.ndarray, np.ndarray]:
+def budgets(fleet: Fleet, dev: np.ndarray, t, latency_s: float, memory_share: float,
+            compute_share: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """(max FLOPs per inference, max on-device parameters) for each device at time t.
 
-    FLOPs: what its free compute does within the latency target. Parameters: the share of its
-    free memory an app's model may hold.
+    FLOPs: what the recommender's share of the free compute does within the latency target.
+    Parameters: the share of its free memory an app's model may hold.
     """
-    max_flops = latency_s * fleet.compute[dev] * fleet.free_compute(dev, t)
+    max_flops = latency_s * compute_share * fleet.compute[dev] * fleet.free_compute(dev, t)
     max_params = memory_share * fleet.memory[dev] * fleet.free_memory(dev, t) / BYTES_PER_PARAM
     return max_flops, max_params
+
+
+def device_budgets(fleet: Fleet, dcfg, dev: np.ndarray, t) -> tuple[np.ndarray, np.ndarray]:
+    """budgets() with the shares and the latency target of the fleet's config (conf/devices)."""
+    return budgets(fleet, dev, t, float(dcfg.latency_s), float(dcfg.memory_share), float(dcfg.compute_share))

@@ -50,12 +50,12 @@ class SubModel:
 
 
 def select_blocks(model: Recommender, gate: np.ndarray, margin: np.ndarray, max_flops: np.ndarray,
-                  max_params: np.ndarray) -> np.ndarray:
+                  max_params: np.ndarray, catalogue: Optional[int] = None) -> np.ndarray:
     """Keep mask [N,L]: the gated blocks, most wanted first, as many as fit both budgets."""
     bb = model.backbone
     L = bb.n_blocks
     f, p = cost.per_block(bb)
-    base_f, base_p = cost.inference_flops(bb, []), cost.base_params(bb)
+    base_f, base_p = cost.inference_flops(bb, [], catalogue=catalogue), cost.base_params(bb, catalogue)
     on = gate >= 0.5
     order = np.argsort(np.where(on, -margin, np.inf), axis=1, kind="stable")  # wanted first
     on_sorted = np.take_along_axis(on, order, 1)
@@ -87,13 +87,15 @@ class Assembly:
 
 @torch.no_grad()
 def assemble_batch(model: Recommender, beta: Optional[torch.Tensor], gate: torch.Tensor, h: Optional[torch.Tensor],
-                   max_flops: np.ndarray, max_params: np.ndarray, precision: str = "fp32") -> Assembly:
+                   max_flops: np.ndarray, max_params: np.ndarray, precision: str = "fp32",
+                   catalogue: Optional[int] = None) -> Assembly:
     """N requests at once: beta [N,L,2] (None for fixed structures), gate [N,L], h [N,H]; one
-    matrix product per block for every request keeping it."""
+    matrix product per block for every request keeping it. `catalogue`: the items the device
+    ranks (None: the whole catalogue), which count in its FLOPs and parameters."""
     bb = model.backbone
     margin = (beta[..., 0] - beta[..., 1]) if beta is not None else gate
     max_f, max_p = np.asarray(max_flops, dtype=np.float64), np.asarray(max_params, dtype=np.float64)
-    keep = select_blocks(model, gate.numpy(), margin.numpy(), max_f, max_p)
+    keep = select_blocks(model, gate.numpy(), margin.numpy(), max_f, max_p, catalogue)
     rows, flat = {}, {}
     for k in range(bb.n_blocks):
         r = np.flatnonzero(keep[:, k])
@@ -105,9 +107,9 @@ def assemble_batch(model: Recommender, beta: Optional[torch.Tensor], gate: torch
         else:
             flat[k] = bb.blocks[k].flat_shared().expand(len(r), -1)
     f, p = cost.per_block(bb)
-    flops = cost.inference_flops(bb, []) + keep @ f
+    flops = cost.inference_flops(bb, [], catalogue=catalogue) + keep @ f
     shipped = keep @ p
-    params = cost.base_params(bb) + shipped
+    params = cost.base_params(bb, catalogue) + shipped
     tensors = keep @ np.array([len(b.shapes) for b in bb.blocks])
     return Assembly(keep=keep, rows=rows, flat=flat, wanted=(gate.numpy() >= 0.5).sum(1),
                     fits=(flops <= max_f) & (params <= max_p), flops=flops, params=params,
@@ -117,10 +119,10 @@ def assemble_batch(model: Recommender, beta: Optional[torch.Tensor], gate: torch
 
 @torch.no_grad()
 def assemble(model: Recommender, beta: Optional[torch.Tensor], gate: torch.Tensor, h: Optional[torch.Tensor],
-             budgets: Sequence[Budget]) -> list[SubModel]:
+             budgets: Sequence[Budget], catalogue: Optional[int] = None) -> list[SubModel]:
     """Sub-models for N requests, one object each (see assemble_batch for the batched form)."""
     a = assemble_batch(model, beta, gate, h, np.array([b.max_flops for b in budgets], dtype=np.float64),
-                       np.array([b.max_params for b in budgets], dtype=np.float64))
+                       np.array([b.max_params for b in budgets], dtype=np.float64), catalogue=catalogue)
     flat: list[list[torch.Tensor]] = [[] for _ in range(gate.shape[0])]
     for k, r in a.rows.items():
         for j, i in enumerate(r.tolist()):

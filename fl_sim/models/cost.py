@@ -3,7 +3,8 @@
 FLOPs count multiply-adds as 2 and include the matrix products, convolutions and attention
 (what `torch.utils.flop_counter` counts); normalisations and activations are left out (they
 are under 2% here). One inference = one forward pass over a sequence of `maxlen` items and
-the scores of the whole catalogue at the last position.
+the scores of the items the device ranks at the last position: the whole catalogue offline,
+the cached candidates in the fleet (`catalogue=N`).
 """
 
 from __future__ import annotations
@@ -25,9 +26,11 @@ def block_flops(block, T: int) -> int:
     raise TypeError(type(block))
 
 
-def inference_flops(backbone: Backbone, blocks: Iterable[int], T: Optional[int] = None) -> int:
+def inference_flops(backbone: Backbone, blocks: Iterable[int], T: Optional[int] = None,
+                    catalogue: Optional[int] = None) -> int:
     T = backbone.maxlen if T is None else T
-    return sum(block_flops(backbone.blocks[l], T) for l in blocks) + 2 * backbone.d * backbone.n_items
+    n = backbone.n_items if catalogue is None else catalogue
+    return sum(block_flops(backbone.blocks[l], T) for l in blocks) + 2 * backbone.d * n
 
 
 def per_block(backbone: Backbone):
@@ -43,9 +46,11 @@ def block_params(backbone: Backbone, blocks: Iterable[int]) -> int:
     return sum(backbone.blocks[l].n_params() for l in blocks)
 
 
-def base_params(backbone: Backbone) -> int:
-    """Parameters every on-device model holds whatever its blocks: embeddings and the final LN."""
-    n = backbone.item_emb.weight.numel() + 2 * backbone.d
+def base_params(backbone: Backbone, catalogue: Optional[int] = None) -> int:
+    """Parameters every on-device model holds whatever its blocks: the embeddings of the items it
+    ranks (the whole catalogue, or `catalogue` cached candidates), positions and the final LN."""
+    items = backbone.item_emb.weight.numel() if catalogue is None else catalogue * backbone.d
+    n = items + 2 * backbone.d
     return n + (backbone.pos_emb.weight.numel() if backbone.pos_emb is not None else 0)
 
 

@@ -1,0 +1,178 @@
+"""Prequential scoring: every event ranked, before the device sees it, with the model and the
+candidates the device holds at that moment.
+
+A device ranks its cached candidates (or, with `sim.candidates=full`, the whole catalogue) by
+the dot product of its model's hidden state with their embeddings; items it interacted with
+before the event are left out (the target itself stays); a target outside the candidates is a
+miss. The model reads the device's items as SASRec reads a training sequence: each device's
+timeline is cut into chunks of `maxlen // 2` events anchored at its first event, and one
+causal pass over the chunk's right-aligned sequence (its last `maxlen` items) gives every
+event of the chunk its hidden state (the state before the event scores it; the state after it
+is the user vector a request sent at that event carries). The chunks depend on the device's
+own timeline only, so how the simulation cuts time into rounds changes no score.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from clients.state import Devices, Fixed, Model
+from fl_sim.training import left_pad
+
+
+@dataclass
+class Scored:
+    """Per event replayed, grouped by device in the order of `active` (device a's events are
+    offset[a]:offset[a+1], in time order)."""
+
+    offset: np.ndarray
+    ndcg: np.ndarray
+    hit: np.ndarray
+    entropy: np.ndarray
+    scored: np.ndarray  # bool: ranked (a model was held and something came before the event)
+    no_model: np.ndarray  # bool: no model held yet
+    flops: np.ndarray  # the held model's FLOPs per inference
+    params: np.ndarray
+    blocks: np.ndarray  # [n_ev, L] the held model's blocks
+    user: np.ndarray  # [n_ev, d] float32 hidden state after the event (zeros without a model)
+    switch: np.ndarray  # per active device: events before its pending model is installed (all: none)
+
+
+def switch_points(fx: Fixed, st: Devices, active: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """Per active device, the first event (global index) that its pending model serves; hi if none."""
+    out = hi[active].copy()
+    for a, j in enumerate(active):
+        if st.pending[j] is not None:
+            ts = fx.s.ts[lo[j]:hi[j]]
+            out[a] = lo[j] + int(np.searchsorted(ts, st.pending[j][1], side="left"))
+    return out
+
+
+def score(fx: Fixed, st: Devices, active: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> Scored:
+    """Score events lo[j]:hi[j] of each active device j (state is read, not changed)."""
+    L, d = fx.model.backbone.n_blocks, fx.emb.shape[1]
+    counts = (hi - lo)[active]
+    offset = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    n_ev = int(offset[-1])
+    out = Scored(offset=offset, ndcg=np.zeros(n_ev), hit=np.zeros(n_ev), entropy=np.zeros(n_ev),
+                 scored=np.zeros(n_ev, bool), no_model=np.zeros(n_ev, bool), flops=np.zeros(n_ev),
+                 params=np.zeros(n_ev), blocks=np.zeros((n_ev, L), bool), user=np.zeros((n_ev, d), np.float32),
+                 switch=switch_points(fx, st, active, lo, hi))
+    groups: dict = {}  # structure -> jobs (row, model, first event, end event, output index of first)
+    for a, j in enumerate(active):
+        sp = out.switch[a]
+        versions = ((st.held[j], lo[j], sp), (st.pending[j][0] if st.pending[j] is not None else None, sp, hi[j]))
+        for model, e0, e1 in versions:
+            if e1 <= e0:
+                continue
+            o = offset[a] + e0 - lo[j]
+            if model is None:
+                out.no_model[o:o + e1 - e0] = True
+                continue
+            g = fx.devices[j]
+            base = fx.s.indptr[g]
+            C = fx.chunk
+            for c0 in [e0, *range(base + ((e0 - base) // C + 1) * C, e1, C)]:
+                c1 = min(e1, base + ((c0 - base) // C + 1) * C)
+                key = (model.blocks.tobytes(), model.weights is None)
+                groups.setdefault(key, []).append((j, model, c0, c1, o + c0 - e0))
+    batch = int(fx.cfg.sim.batch)
+    for jobs in groups.values():
+        for b0 in range(0, len(jobs), batch):
+            _score_batch(fx, jobs[b0:b0 + batch], out)
+    return out
+
+
+@torch.no_grad()
+def _score_batch(fx: Fixed, jobs: list, out: Scored) -> None:
+    bb = fx.model.backbone
+    T, C = bb.maxlen, fx.chunk
+    seqs, firsts = [], []
+    for j, _, c0, _, _ in jobs:
+        g = fx.devices[j]
+        base, end = fx.s.indptr[g], fx.s.indptr[g + 1]
+        chunk_end = min(end, base + ((c0 - base) // C + 1) * C)  # the anchored chunk's end
+        first = max(base, chunk_end - T)
+        seqs.append(fx.ids[first:chunk_end])
+        firsts.append(first)
+    seq = left_pad(seqs, T)
+    pad = [seq.shape[1] - len(s) for s in seqs]
+    blocks = jobs[0][1].blocks
+    kept = np.flatnonzero(blocks).tolist()
+    params = None
+    if jobs[0][1].weights is not None:
+        params = [None] * bb.n_blocks
+        for k in kept:
+            params[k] = bb.blocks[k].unflatten(torch.from_numpy(np.stack([m.weights[k] for _, m, _, _, _ in jobs])))
+    hidden = bb(seq, params=params, blocks=kept)
+    # Every event: its user vector (state after it); scored events: the state before it.
+    b_all, p_all, o_all = [], [], []
+    b_sc, p_sc, o_sc, rows_sc, ev_sc = [], [], [], [], []
+    for b, (j, _, c0, c1, o) in enumerate(jobs):
+        for e in range(c0, c1):
+            idx = e - firsts[b] + pad[b]
+            b_all.append(b), p_all.append(idx), o_all.append(o + e - c0)
+            if e - 1 >= firsts[b]:
+                b_sc.append(b), p_sc.append(idx - 1), o_sc.append(o + e - c0), rows_sc.append(j), ev_sc.append(e)
+    o_all = np.array(o_all)
+    out.user[o_all] = hidden[torch.tensor(b_all), torch.tensor(p_all)].numpy()
+    out.blocks[o_all] = blocks
+    flops = fx.base_flops + blocks @ fx.block_flops
+    params_n = fx.base_params + blocks @ fx.block_params
+    out.flops[o_all], out.params[o_all] = flops, params_n
+    if not o_sc:
+        return
+    h = hidden[torch.tensor(b_sc), torch.tensor(p_sc)]
+    cand = [jobs[b][1].candidates for b in b_sc]
+    rank, ent = rank_targets(fx, h, np.array(rows_sc), np.array(ev_sc), cand)
+    o_sc = np.array(o_sc)
+    out.ndcg[o_sc] = np.where(rank < 10, 1.0 / np.log2(rank + 2.0), 0.0)
+    out.hit[o_sc] = rank < 10
+    out.entropy[o_sc] = ent
+    out.scored[o_sc] = True
+
+
+def rank_targets(fx: Fixed, h: torch.Tensor, rows: np.ndarray, events: np.ndarray, cand: list) -> tuple:
+    """Rank of each event's item among the device's candidates (or the catalogue), items seen
+    before the event left out (the target kept); a target outside the candidates ranks last
+    (len(candidates): a miss). Also the entropy of the softmax over what is ranked."""
+    n_items = fx.s.n_items
+    target = fx.s.item[events].astype(np.int64)
+    g = fx.devices[rows]
+    if fx.n_cand:
+        c = np.stack(cand)  # [n, N] dataset ids
+        scores = torch.einsum("nd,nkd->nk", h, torch.from_numpy(fx.emb[c + 1]))
+        key = g[:, None] * n_items + c
+        at = np.minimum(np.searchsorted(fx.seen_key, key), len(fx.seen_key) - 1)
+        seen = (fx.seen_key[at] == key) & (fx.seen_first[at] < events[:, None]) & (c != target[:, None])
+        inside = (c == target[:, None]).any(1)
+        t_score = (scores * torch.from_numpy(c == target[:, None])).sum(1)
+        scores = scores.masked_fill(torch.from_numpy(seen), -torch.inf)
+        rank = (scores > t_score.unsqueeze(1)).sum(1).numpy()
+        rank = np.where(inside, rank, c.shape[1])
+    else:
+        scores = bb_scores(fx, h)
+        lo = np.searchsorted(fx.seen_key, g * n_items)
+        hi = np.searchsorted(fx.seen_key, (g + 1) * n_items)
+        r = np.repeat(np.arange(len(g)), hi - lo)
+        at = np.concatenate([np.arange(a, b) for a, b in zip(lo, hi)]) if len(r) else r
+        items = fx.seen_key[at] - g[r] * n_items
+        drop = (fx.seen_first[at] < events[r]) & (items != target[r])
+        t_score = scores[torch.arange(len(g)), torch.from_numpy(target)]
+        scores[torch.from_numpy(r[drop]), torch.from_numpy(items[drop])] = -torch.inf
+        rank = (scores > t_score.unsqueeze(1)).sum(1).numpy()
+    logp = torch.log_softmax(scores, dim=1)
+    p = logp.exp()
+    ent = -(p * logp.nan_to_num(0.0, neginf=0.0)).sum(1).numpy()
+    return rank, ent
+
+
+def bb_scores(fx: Fixed, h: torch.Tensor) -> torch.Tensor:
+    return h @ torch.from_numpy(fx.emb[1:]).T
+
+
+def held_model(blocks: np.ndarray, weights: dict | None, candidates: np.ndarray) -> Model:
+    return Model(blocks=np.asarray(blocks, bool).copy(), weights=weights, candidates=np.asarray(candidates, np.int64))
