@@ -69,8 +69,9 @@ def receive(fx: Fixed, st: Devices, d: Deliveries) -> None:
             st.local[j] = None
             continue
         acc["bytes_wasted"][j] += spent[i] - size[i]
-        acc["bytes_model"][j] += d.model_bytes[i]
-        acc["bytes_candidates"][j] += d.candidate_bytes[i]
+        if not d.first[i]:  # after deployment (the first delivery is in bytes_first)
+            acc["bytes_model"][j] += d.model_bytes[i]
+            acc["bytes_candidates"][j] += d.candidate_bytes[i]
         if st.pending[j] is not None:
             raise RuntimeError(f"device {fx.devices[j]}: a delivery would replace one not yet installed")
         at = arrive[i]

@@ -189,8 +189,8 @@ def write_results(cfg, out: Path, rec: Recorder, streams, cloud, n_shards, cache
         "bytes_per_device_per_day": float((table["bytes_up"].sum() + table["bytes_down"].sum())
                                           / len(table) / max(sim_time / 86400, 1e-9)),
         "bytes_first_model": float(table["bytes_first"].sum()),  # the download at deployment
-        "bytes_down_model": float(table["bytes_model"].sum()),  # sub-model weights delivered
-        "bytes_down_candidates": float(table["bytes_candidates"].sum()),  # candidate ids and embeddings delivered
+        "bytes_down_model": float(table["bytes_model"].sum()),  # sub-model weights delivered after deployment
+        "bytes_down_candidates": float(table["bytes_candidates"].sum()),  # candidates delivered after deployment
         "update_bytes_per_device_per_day": float((table["bytes_up"].sum() + table["bytes_down"].sum()
                                                   - table["bytes_first"].sum()) / len(table)
                                                  / max(sim_time / 86400, 1e-9)),

@@ -12,7 +12,7 @@ from helpers import SMALL, make_cfg, simulate
 
 
 def test_fleet_ndcg_matches_an_independent_recomputation(tmp_path, cache):
-    extra = ["sim.backend=inprocess", "sim.nodes=2", "trigger=never", "sim.candidates=20"]
+    extra = ["sim.backend=inprocess", "sim.nodes=2", "trigger=never", "sim.candidates=200"]
     summary, out = simulate(tmp_path, "golden", *extra, cache=cache)
     devices = pd.read_parquet(out / "devices.parquet").set_index("device")
 
@@ -29,12 +29,12 @@ def test_fleet_ndcg_matches_an_independent_recomputation(tmp_path, cache):
     model, _, cached = pretrained(cfg, streams)
     assert cached  # the model the run used
     model.eval()
-    bb, W, T, N = model.backbone, model.spec.window, model.backbone.maxlen, 20
+    bb, W, T, N = model.backbone, model.spec.window, model.backbone.maxlen, 200
     fleet = build_fleet(cfg.devices, inter.n_users, cfg.seed)
     t0 = float(stream_times(streams).min())
     ids, ptr, split = inter.item.astype(np.int64) + 1, inter.indptr, streams.split
     checked = scored = 0
-    for g in range(0, inter.n_users, 7):
+    for g in range(inter.n_users):
         hist = ids[max(ptr[g], split[g] - W):split[g]]
         with torch.no_grad():
             beta, gate, h = model.encode(torch.from_numpy(hist)[None])
@@ -63,4 +63,4 @@ def test_fleet_ndcg_matches_an_independent_recomputation(tmp_path, cache):
         assert devices.loc[g, "ndcg"] == pytest.approx(total, abs=1e-6), g
         checked += 1
         scored += total > 0
-    assert checked >= 5 and scored >= 3  # devices with hits, so ranks and cut-offs were compared
+    assert checked == inter.n_users and scored >= 3  # devices with hits, so ranks and cut-offs were compared

@@ -45,7 +45,7 @@ def test_killed_run_resumes_to_the_same_metrics(tmp_path, cache):
 
 
 def test_a_shard_failing_for_real_stops_cleanly_and_resumes(tmp_path, cache):
-    args = [*LONG, "trigger._target_=boom_trigger.BoomAt"]
+    args = [*LONG, "trigger=drift", "trigger._target_=boom_trigger.BoomAt"]
     env = {"FL_SIM_CACHE": str(cache), "PYTHONPATH": str(ROOT / "tests")}
     clean, _ = simulate(tmp_path, "clean", *args, cache=cache, env=env)
     out = tmp_path / "boom"
@@ -63,7 +63,7 @@ def test_a_shard_failing_for_real_stops_cleanly_and_resumes(tmp_path, cache):
 def test_a_passing_real_failure_is_rebuilt_and_the_run_goes_on(tmp_path, cache):
     """A shard raising part-way (a real exception, once) is rebuilt from its checkpoint and
     replayed; the run ends as if nothing happened, the failure counted."""
-    args = [*LONG, "trigger._target_=boom_trigger.BoomOnce"]
+    args = [*LONG, "trigger=drift", "trigger._target_=boom_trigger.BoomOnce"]
     env = {"FL_SIM_CACHE": str(cache), "PYTHONPATH": str(ROOT / "tests")}
     clean, _ = simulate(tmp_path, "clean", *args, cache=cache, env=env)
     once, _ = simulate(tmp_path, "once", *args, cache=cache, env={**env, "FL_SIM_TEST_BOOM_AT_CALL": "600"})
@@ -79,7 +79,7 @@ def test_a_passing_real_failure_is_rebuilt_and_the_run_goes_on(tmp_path, cache):
 ])
 def test_resume_refuses_what_it_cannot_continue(tmp_path, cache, extra, message):
     out = tmp_path / "run"
-    args = [*SMALL, *LONG, "trigger._target_=boom_trigger.BoomAt", f"output_dir={out}"]
+    args = [*SMALL, *LONG, "trigger=drift", "trigger._target_=boom_trigger.BoomAt", f"output_dir={out}"]
     env = {"FL_SIM_CACHE": str(cache), "PYTHONPATH": str(ROOT / "tests")}
     if extra:  # a run stopped after a checkpoint, resumed with another config
         res = run_module("fl_sim.run", *args, env={**env, "FL_SIM_TEST_BOOM_AT_CALL": "600"})

@@ -34,11 +34,13 @@ def test_same_results_whatever_the_shard_count(tmp_path, cache):
         assert one[key] == pytest.approx(three[key], rel=1e-6), key
 
 
-def test_device_rec_ships_once(tmp_path, cache):
+def test_device_rec_ships_its_model_once_and_candidates_with_every_answer(tmp_path, cache):
     summary, out = simulate(tmp_path, "dr", "method=device_rec", "sim.backend=inprocess", "sim.nodes=2", cache=cache)
-    assert summary["requests"] == 0 and summary["bytes_up"] == 0
+    assert summary["requests"] > 0 and summary["bytes_down_candidates"] > 0
+    assert summary["bytes_down_model"] == 0  # after deployment its requests bring candidates only
     devices = pd.read_parquet(out / "devices.parquet")
-    assert devices["bytes_down"].nunique() == 1  # the same full model for every device, once
+    assert devices["bytes_first"].nunique() == 1  # the same full model for every device, once
+    assert (devices["block_0"] == devices["scored"]).all()  # every block, at every event
 
 
 def test_ray_backend_matches_inprocess(tmp_path, cache):
@@ -82,7 +84,7 @@ def test_results_do_not_depend_on_the_round_length(tmp_path, cache):
 def test_finetune_trains_on_device_whatever_the_sharding(tmp_path, cache):
     one, _ = simulate(tmp_path, "ft1", "method=finetune", "sim.backend=inprocess", "sim.nodes=1", cache=cache)
     three, _ = simulate(tmp_path, "ft3", "method=finetune", "sim.backend=inprocess", "sim.nodes=3", cache=cache)
-    assert one["requests"] == 0 and one["bytes_up"] == 0  # nothing asked of the cloud
+    assert one["requests"] > 0 and one["bytes_down_model"] == 0  # the cloud sends candidates, never a model
     assert one["local_updates"] > 0 and one["train_flops_per_device_per_day"] > 0
     assert one["events_no_model"] == 0
     for key in ("local_updates", "events_evaluated", "bytes_down"):

@@ -2,7 +2,8 @@
 
 Compares runs (each DIR a run's output folder, or a Hydra multirun folder of them) and writes
 into OUT (default: DIR/report for a multirun folder, else report/ beside the first DIR): comparison.md/.csv, by_group.csv and PNG
-plots (pareto, by_tier_and_link, shifts, blocks_by_tier).
+plots (pareto, by_tier_and_link, shifts, blocks_by_tier, install_delay), and by_summary.csv (per tier
+and link class: requests, budget cuts, kept blocks, FLOPs, NDCG@10, request-to-install delay).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from fl_sim.report import plots, tables
 from fl_sim.report.load import find_runs, labels
 
 COLUMNS = ["run", "devices", "ndcg10", "hit10", "requests_per_device_day", "update_bytes_per_device_day",
-           "bytes_per_device_day",
+           "bytes_per_device_day", "candidate_bytes_per_device_day", "install_delay_median_s", "install_delay_p90_s",
            "mflops_per_inference", "kparams_on_device", "shift_recall", "shift_precision", "requests_per_shift",
            "budget_violations", "wall_s"]
 
@@ -29,8 +30,11 @@ def report(paths: list[str], out: Path, horizon: int = 10) -> dict:
     (out / "comparison.md").write_text(tables.to_markdown(table, COLUMNS))
     groups = tables.by_group(runs, names)
     groups.to_csv(out / "by_group.csv", index=False)
+    summaries = tables.from_summaries(runs, names)
+    summaries.to_csv(out / "by_summary.csv", index=False)
     figures = [plots.pareto(table, out), plots.by_group(groups, out),
-               plots.shifts(runs, names, table, out, horizon), plots.blocks(groups, out)]
+               plots.shifts(runs, names, table, out, horizon), plots.blocks(groups, out),
+               plots.install_delay(summaries, out)]
     return {"runs": len(runs), "out": str(out), "figures": [str(f) for f in figures if f]}
 
 

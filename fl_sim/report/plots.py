@@ -14,6 +14,12 @@ import pandas as pd  # noqa: E402
 
 from fl_sim.report.load import Run  # noqa: E402
 from fl_sim.report.shifts import delays  # noqa: E402
+from fl_sim.report.tables import ordered  # noqa: E402
+
+
+def _legend_outside(ax, fontsize: int = 7) -> None:
+    """The legend beside the axes, never over the bars."""
+    ax.legend(fontsize=fontsize, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
 
 
 def _save(fig, path: Path) -> Path:
@@ -48,16 +54,44 @@ def pareto(table: pd.DataFrame, out: Path) -> Path:
 
 
 def by_group(groups: pd.DataFrame, out: Path) -> Path | None:
-    """NDCG@10 by device tier and by link class, one bar per run."""
+    """NDCG@10 by device tier (low, mid, high) and by link class, one bar per run; both panels
+    on one y-axis from 0, so bars compare across panels."""
     if groups.empty:
         return None
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4), sharey=True)
     for ax, kind in zip(axes, ("tier", "link_class")):
         pivot = groups[groups["by"] == kind].pivot(index="group", columns="run", values="ndcg10")
-        pivot.plot.bar(ax=ax, rot=0, legend=kind == "link_class")
+        pivot = pivot.loc[ordered(pivot.index)]
+        pivot.plot.bar(ax=ax, rot=0, legend=False)
         ax.set(xlabel=kind.replace("_", " "), ylabel="NDCG@10", title=f"NDCG@10 by {kind.replace('_', ' ')}")
-    axes[1].legend(fontsize=7)
+    axes[0].set_ylim(bottom=0)
+    _legend_outside(axes[1])
     return _save(fig, out / "by_tier_and_link.png")
+
+
+def install_delay(summaries: pd.DataFrame, out: Path) -> Path | None:
+    """Seconds from a request to its answer installed, by link class: median (bar) and p90
+    (whisker), one bar per run, on a log axis shared by every run."""
+    links = summaries[(summaries["by"] == "link_class") & summaries["install_delay_median_s"].notna()] \
+        if not summaries.empty else summaries
+    if links.empty:
+        return None
+    med = links.pivot(index="group", columns="run", values="install_delay_median_s").astype(float)
+    p90 = links.pivot(index="group", columns="run", values="install_delay_p90_s").astype(float)
+    order = ordered(med.index)
+    med, p90 = med.loc[order], p90.loc[order]
+    fig, ax = plt.subplots(figsize=(9, 4))
+    width = 0.8 / max(len(med.columns), 1)
+    x = np.arange(len(order))
+    for i, run in enumerate(med.columns):
+        m, p = med[run].to_numpy(), p90[run].to_numpy()
+        ax.bar(x + (i - (len(med.columns) - 1) / 2) * width, m, width, label=run,
+               yerr=np.vstack([np.zeros_like(m), np.nan_to_num(p - m)]), capsize=2)
+    ax.set_xticks(x, order)
+    ax.set(yscale="log", xlabel="link class", ylabel="seconds (median, whisker: p90)",
+           title="Request to installed answer, by link class")
+    _legend_outside(ax)
+    return _save(fig, out / "install_delay.png")
 
 
 def shifts(runs: list[Run], labels: list[str], table: pd.DataFrame, out: Path, horizon: int) -> Path | None:
@@ -73,7 +107,7 @@ def shifts(runs: list[Run], labels: list[str], table: pd.DataFrame, out: Path, h
         axes[0].annotate(f"{rps:.2g} req/shift", (i, 0.02), ha="center", fontsize=7, rotation=90, color="white")
     axes[0].set_xticks(idx, table["run"], rotation=20, ha="right", fontsize=8)
     axes[0].set(ylim=(0, 1), title="Requests against true interest shifts")
-    axes[0].legend(fontsize=8)
+    axes[0].legend(fontsize=8, loc="upper right")
     for run, label in zip(runs, labels):
         req, sh = run.table("requests"), run.table("shifts")
         if req is None or sh is None:
@@ -84,7 +118,7 @@ def shifts(runs: list[Run], labels: list[str], table: pd.DataFrame, out: Path, h
     axes[1].axvline(horizon, color="gray", ls=":")
     axes[1].set(xscale="log", xlim=(0.9, None), xlabel="events from a shift to the device's next request",
                 ylabel="share of shifts", title="Time to react")
-    axes[1].legend(fontsize=7)
+    _legend_outside(axes[1])
     return _save(fig, out / "shifts.png")
 
 
@@ -96,13 +130,15 @@ def blocks(groups: pd.DataFrame, out: Path) -> Path | None:
     if not runs:
         return None
     runs = runs[:6]
-    fig, axes = plt.subplots(len(runs), 2, figsize=(10, 3 * len(runs)), squeeze=False)
+    top = float(np.nanmax(tiers["mflops_per_inference"].to_numpy(dtype=float))) * 1.1
+    fig, axes = plt.subplots(len(runs), 2, figsize=(11, 3 * len(runs)), squeeze=False)
     for row, run in zip(axes, runs):
-        t = tiers[tiers["run"] == run]
-        for _, g in t.iterrows():
-            row[0].plot(np.arange(len(usage_cols)), g[usage_cols].to_numpy(dtype=float), marker="o", label=g["group"])
+        t = tiers[tiers["run"] == run].set_index("group")
+        t = t.loc[ordered(t.index)]
+        for group, g in t.iterrows():
+            row[0].plot(np.arange(len(usage_cols)), g[usage_cols].to_numpy(dtype=float), marker="o", label=group)
         row[0].set(xlabel="block", ylabel="share of events held", ylim=(0, 1.05), title=f"{run}: block usage by tier")
-        row[0].legend(fontsize=7)
-        row[1].bar(t["group"], t["kparams_on_device"])
-        row[1].set(ylabel="thousand parameters on device", title=f"{run}: sub-model size by tier")
+        _legend_outside(row[0])
+        row[1].bar(t.index, t["mflops_per_inference"])
+        row[1].set(ylabel="MFLOPs per inference", ylim=(0, top), title=f"{run}: FLOPs by tier")
     return _save(fig, out / "blocks_by_tier.png")

@@ -20,6 +20,11 @@ def run_row(run: Run, label: str, horizon: int) -> dict:
            "kparams_on_device": s["mean_params_on_device"] / 1e3,
            "events_evaluated": s["events_evaluated"], "events_total": s["events_total"],
            "budget_violations": s["budget_violations"], "wall_s": s["wall_s"], "path": str(run.path)}
+    if "bytes_down_candidates" in s:
+        row["candidate_bytes_per_device_day"] = s["bytes_down_candidates"] / s["num_devices"] / run.days
+        row["model_bytes_per_device_day"] = s["bytes_down_model"] / s["num_devices"] / run.days
+    delay = s.get("request_to_install_s", {}).get("all", {})
+    row["install_delay_median_s"], row["install_delay_p90_s"] = delay.get("median"), delay.get("p90")
     requests, shifts = run.table("requests"), run.table("shifts")
     if requests is not None and shifts is not None:
         sc = shift_scores(requests, shifts, horizon)
@@ -54,6 +59,34 @@ def by_group(runs: list[Run], labels: list[str]) -> pd.DataFrame:
                 part[f"usage_{b}"] = (sums[b] / scored).to_numpy()
             rows.append(part)
     return pd.concat(rows, ignore_index=True) if rows else pd.DataFrame()
+
+
+TIER_ORDER = ("low", "mid", "high")
+LINK_ORDER = ("3g", "lte", "fixed", "wifi")
+
+
+def ordered(groups) -> list:
+    """Tiers low, mid, high and links slow to fast where the names are known; others after."""
+    known = [g for g in (*TIER_ORDER, *LINK_ORDER) if g in set(groups)]
+    return known + sorted(g for g in groups if g not in known)
+
+
+def from_summaries(runs: list[Run], labels: list[str]) -> pd.DataFrame:
+    """Per run, per device tier and per link class, what summary.json reports: requests, the
+    share of answers whose budget removed blocks, kept blocks, FLOPs, NDCG@10, and the delay
+    from a request to its answer installed (median, p90)."""
+    rows = []
+    for run, label in zip(runs, labels):
+        for by, key in (("tier", "by_tier"), ("link_class", "by_link")):
+            for group, g in run.summary.get(key, {}).items():
+                delay = g.get("request_to_install_s", {})
+                rows.append({"run": label, "by": by, "group": group, "devices": g["devices"],
+                             "requests": g["requests"], "share_budget_cut": g["share_budget_cut"],
+                             "mean_kept_blocks": g["mean_kept_blocks"],
+                             "mflops_per_inference": (g["mean_flops_per_inference"] or np.nan) / 1e6,
+                             "ndcg10": g["ndcg10"], "install_delay_median_s": delay.get("median"),
+                             "install_delay_p90_s": delay.get("p90")})
+    return pd.DataFrame(rows)
 
 
 def to_markdown(df: pd.DataFrame, columns: list[str]) -> str:

@@ -1,0 +1,90 @@
+"""Request triggers on 5,000 synthetic devices in the deployment setting, over seeds.
+
+    python benchmarks/triggers_5000.py [--seeds 0,1,2] [--out DIR] [--cache DIR]
+
+For each seed, `python -m fl_sim.run num_clients=5000 sim.backend=inprocess seed=S trigger=T`
+with the defaults otherwise, for T in never, every_session, session_drift (the default) and
+always; for the first seed also the other built-in triggers. Then `python -m fl_sim.report` over
+the first seed's runs (table and plots into benchmarks/results/triggers_5000/), and
+benchmarks/results/triggers_5000.json: every run's summary, per trigger the mean and spread
+(sample standard deviation) over seeds, and every pair's difference in NDCG@10 with its spread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CORE = ["never", "every_session", "session_drift", "always"]
+MORE = ["periodic", "drift", "uncertainty", "random", "budgeted", "bandwidth_aware"]
+KEYS = ("ndcg10", "hit10", "requests", "bytes_per_device_per_day", "update_bytes_per_device_per_day",
+        "bytes_down_model", "bytes_down_candidates", "mean_flops_per_inference", "request_to_install_s", "by_tier",
+        "by_link", "events_total", "events_evaluated", "events_no_model", "budget_violations", "sim_wall_s", "wall_s",
+        "peak_rss_mb")
+
+
+def run(name: str, args: list[str], out: Path, cache: str) -> dict:
+    res = subprocess.run([sys.executable, "-m", "fl_sim.run", *args, f"output_dir={out}"], cwd=ROOT,
+                         capture_output=True, text=True, env={**os.environ, "FL_SIM_CACHE": cache})
+    if res.returncode != 0:
+        raise SystemExit(f"{name} failed:\n{res.stderr[-3000:]}")
+    summary = json.loads((out / "summary.json").read_text())
+    print(name, json.dumps({k: summary[k] for k in ("ndcg10", "requests", "bytes_per_device_per_day", "wall_s")}),
+          flush=True)
+    return {k: summary[k] for k in KEYS}
+
+
+def spread(values: list[float]) -> float:
+    return statistics.stdev(values) if len(values) > 1 else float("nan")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--out", default=None, help="where the runs go (default: a temporary folder)")
+    parser.add_argument("--cache", default=None, help="cache directory (pre-trained models) to reuse")
+    opts = parser.parse_args()
+    seeds = [int(s) for s in opts.seeds.split(",")]
+    base = Path(opts.out or tempfile.mkdtemp())
+    cache = opts.cache or os.environ.get("FL_SIM_CACHE") or str(base / "cache")
+    common = ["num_clients=5000", "sim.backend=inprocess"]
+    runs: dict[str, dict] = {}
+    first_dirs = []
+    for seed in seeds:
+        for trigger in CORE + (MORE if seed == seeds[0] else []):
+            name = f"{trigger}_seed{seed}"
+            out = base / name
+            runs[name] = run(name, [*common, f"seed={seed}", f"trigger={trigger}"], out, cache)
+            if seed == seeds[0]:
+                first_dirs.append(str(out))
+    report_dir = ROOT / "benchmarks/results/triggers_5000"
+    shutil.rmtree(report_dir, ignore_errors=True)
+    subprocess.run([sys.executable, "-m", "fl_sim.report", *first_dirs, f"output_dir={report_dir}"], cwd=ROOT,
+                   check=True, capture_output=True)
+    per_trigger = {}
+    for trigger in CORE:
+        vals = [runs[f"{trigger}_seed{s}"]["ndcg10"] for s in seeds]
+        byte = [runs[f"{trigger}_seed{s}"]["bytes_per_device_per_day"] for s in seeds]
+        per_trigger[trigger] = {"ndcg10_mean": statistics.mean(vals), "ndcg10_spread": spread(vals),
+                                "bytes_per_device_per_day_mean": statistics.mean(byte), "seeds": seeds}
+    pairs = {}
+    for a, b in itertools.combinations(CORE, 2):
+        diff = [runs[f"{b}_seed{s}"]["ndcg10"] - runs[f"{a}_seed{s}"]["ndcg10"] for s in seeds]
+        pairs[f"{b} - {a}"] = {"mean": statistics.mean(diff), "spread": spread(diff), "per_seed": diff}
+    result = {"what": "5,000 synthetic devices, default config, in-process; spread = sample std over seeds",
+              "common_args": common, "seeds": seeds, "per_trigger": per_trigger, "pairs": pairs, "runs": runs}
+    (ROOT / "benchmarks/results/triggers_5000.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({"per_trigger": per_trigger, "pairs": pairs}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
