@@ -3,8 +3,9 @@
     python benchmarks/fleet_ml1m.py [--pretrain-minutes 10] [--out DIR]
 
 Runs `python -m fl_sim.run dataset=ml1m_sas num_clients=5000` for DeviceRec (one model for
-everyone, shipped once) and Forward-OFA with the `never`, `drift` and `every_session`
-triggers, all with the same pre-training cap, then `python -m fl_sim.report` over them.
+everyone, shipped once; its requests bring candidates) and Forward-OFA, each under the `never`,
+`every_session`, `drift`, `session_drift` (the default) and `always` triggers, all with the same
+pre-training cap, then `python -m fl_sim.report` over them.
 Writes benchmarks/results/fleet_ml1m.json (the comparison rows) and the report's table and
 plots into benchmarks/results/fleet_ml1m/.
 """
@@ -24,10 +25,9 @@ import pandas as pd
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(os.environ.get("FL_SIM_SHARED", ROOT.parent / "shared")) / "data/ml-1m/ml-1m-sas.txt.gz"
-RUNS = {"device_rec": ["method=device_rec", "trigger=never"],
-        "forward_ofa_never": ["method=forward_ofa", "trigger=never"],
-        "forward_ofa_drift": ["method=forward_ofa", "trigger=drift"],
-        "forward_ofa_every_session": ["method=forward_ofa", "trigger=every_session"]}
+TRIGGERS = ("never", "every_session", "drift", "session_drift", "always")
+RUNS = {f"{method}_{trigger}": [f"method={method}", f"trigger={trigger}"]
+        for method in ("device_rec", "forward_ofa") for trigger in TRIGGERS}
 
 
 def main() -> None:
@@ -38,7 +38,8 @@ def main() -> None:
     base = Path(opts.out or tempfile.mkdtemp())
     cache = os.environ.get("FL_SIM_CACHE") or str(base / "cache")
     common = ["dataset=ml1m_sas", f"dataset.path={DATA}", "num_clients=5000",
-              f"sim.pretrain.max_minutes={opts.pretrain_minutes}", "sim.pretrain.max_epochs=200"]
+              f"sim.pretrain.max_minutes={opts.pretrain_minutes}", "sim.pretrain.max_epochs=200",
+              "sim.backend=inprocess"]
     dirs = []
     for name, args in RUNS.items():
         out = base / name

@@ -35,20 +35,21 @@ def make_client_app(tag: str) -> ClientApp:
         import ray
 
         shard = int(context.node_config["partition-id"])
-        window = msg.content["window"]
-        if shard in list(window["vanished"]):  # an injected node loss: its actor's state is wiped
-            raise RuntimeError(f"shard={shard}: {NODE_LOST}, round {int(window['round'])}")
         name = shard_actor_name(tag, shard)
-        # Deliveries come inline, or were handed to the shard's actor through Ray's object store.
-        deliveries = (Deliveries.from_arrays(protocol.from_record(msg.content["deliveries"]))
-                      if "deliveries" in msg.content else None)
         try:
             actor = _actors.get(name) or _actors.setdefault(name, ray.get_actor(name))
-            reply = ray.get(actor.call.remote(
-                window["kind"], float(window["t0"]), float(window["t1"]), bool(window["last"]),
-                int(window["round"]), int(window["exchange"]), deliveries))
+            if "tick" in msg.content:  # the exchange's window and deliveries were posted to the actor
+                reply = ray.get(actor.call.remote(int(msg.content["tick"]["n"])))
+            else:  # the window and deliveries travel in the message
+                window = msg.content["window"]
+                deliveries = Deliveries.from_arrays(protocol.from_record(msg.content["deliveries"]))
+                reply = ray.get(actor.run.remote(window["kind"], float(window["t0"]), float(window["t1"]),
+                                                 bool(window["last"]), int(window["round"]), int(window["exchange"]),
+                                                 deliveries))
         except Exception as exc:  # the error reply names the shard (see strategies.app)
             raise RuntimeError(f"shard={shard}: {exc}") from exc
+        if reply is None:  # the run is over: nothing was posted for this tick
+            return Message(RecordDict({"info": ConfigRecord({"shard": shard, "stop": True})}), reply_to=msg)
         content = {"requests": protocol.to_record(reply.requests.arrays()),
                    "metrics": MetricRecord({**reply.metrics, "shard": shard}),
                    "info": ConfigRecord({"shard": shard, "parked": reply.parked})}
@@ -115,12 +116,6 @@ class ShardActor:
             self.shard = shard
             self.posted.notify_all()
 
-    def lose(self) -> None:
-        """An injected node loss: the shard's state is gone (the actor stays, to be rebuilt)."""
-        with self.posted:
-            self.shard = None
-            self.mailbox.clear()
-
     def rebuild(self, run_dir: str, checkpoint_dir: str | None, entries: list) -> None:
         shard = rebuild_shard(run_dir, self.index, self.n_shards, checkpoint_dir, entries)
         with self.posted:
@@ -139,21 +134,31 @@ class ShardActor:
     def restore(self, path: str) -> None:
         self._loaded().restore(path)
 
-    def deliver(self, round_: int, k: int, deliveries: Deliveries) -> None:
+    def post(self, tick: int, job: dict) -> None:
+        """The exchange the ClientApp's message number `tick` runs: {"window", "round",
+        "exchange", "deliveries"}, {"lost": True} for an injected node loss (the shard's state is
+        wiped; the actor stays, to be rebuilt), or {"stop": True} once the run is over."""
         with self.posted:
-            self.mailbox[(round_, k)] = deliveries
+            if job.get("lost"):
+                self.shard = None
+                self.mailbox.clear()
+            self.mailbox[tick] = job
             self.posted.notify_all()
 
-    def call(self, kind: str, t0: float, t1: float, last: bool, round_: int, k: int,
-             deliveries: Deliveries | None = None, wait_s: float = 600.0) -> Reply:
-        """Run an exchange. Without inline deliveries, wait for the cloud's hand-over of this
-        exchange's (posted concurrently: the actor runs calls in parallel)."""
+    def call(self, tick: int, wait_s: float = 600.0) -> Reply | None:
+        """Run the exchange posted for `tick` (posted concurrently: the message may come first)."""
         with self.posted:
-            if not self.posted.wait_for(lambda: self.shard is not None, timeout=wait_s):
-                raise RuntimeError(f"shard {self.index}: not loaded within {wait_s:.0f} s")
-            if deliveries is None:
-                if not self.posted.wait_for(lambda: (round_, k) in self.mailbox, timeout=wait_s):
-                    raise RuntimeError(f"shard {self.index}: no deliveries for round {round_}, exchange {k} "
-                                       f"within {wait_s:.0f} s")
-                deliveries = self.mailbox.pop((round_, k))
+            if not self.posted.wait_for(lambda: tick in self.mailbox, timeout=wait_s):
+                raise RuntimeError(f"shard {self.index}: nothing posted for exchange {tick} within {wait_s:.0f} s")
+            job = self.mailbox.pop(tick)
+        if job.get("stop"):
+            return None
+        if job.get("lost"):
+            raise RuntimeError(f"{NODE_LOST}, round {job['round']}")
+        kind, t0, t1, last = job["window"]
+        return self.run(kind, t0, t1, last, job["round"], job["exchange"], job["deliveries"], wait_s)
+
+    def run(self, kind: str, t0: float, t1: float, last: bool, round_: int, k: int, deliveries: Deliveries,
+            wait_s: float = 600.0) -> Reply:
+        self._loaded(wait_s)
         return run_shard_exchange(self.shard, kind, t0, t1, deliveries, last, round_, k)

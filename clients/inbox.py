@@ -75,7 +75,8 @@ def receive(fx: Fixed, st: Devices, d: Deliveries) -> None:
         if st.pending[j] is not None:
             raise RuntimeError(f"device {fx.devices[j]}: a delivery would replace one not yet installed")
         at = arrive[i]
-        weights = dict(zip(np.flatnonzero(d.blocks[i]).tolist(), rows[i])) if rows[i] else None
+        # Copies: a view would keep the whole batch of deliveries (or Ray's object) alive.
+        weights = {k: w.copy() for k, w in zip(np.flatnonzero(d.blocks[i]).tolist(), rows[i])} if rows[i] else None
         if fx.static:  # the one model does not change; finetune's own training may have
             held = st.held[j]
             weights = held.weights if held is not None else None

@@ -88,13 +88,13 @@ def first_user_vectors(fx: Fixed, rows: np.ndarray) -> np.ndarray:
     g = fx.devices[rows]
     out = np.zeros((len(rows), bb.d), np.float32)
     batch = int(fx.cfg.sim.batch)
-    for b0 in range(0, len(rows), batch):
-        gs = g[b0:b0 + batch]
-        seqs = [fx.ids[max(s.indptr[gi], s.split[gi] - bb.maxlen):s.split[gi]] for gi in gs]
-        has = np.array([len(q) > 0 for q in seqs])
-        if has.any():
-            hidden = bb(left_pad([q for q, ok in zip(seqs, has) if ok], bb.maxlen))[:, -1]
-            out[b0 + np.flatnonzero(has)] = hidden.numpy()
+    lengths = np.minimum(s.split[g] - s.indptr[g], bb.maxlen)
+    order = np.argsort(lengths, kind="stable")  # similar lengths together: less padding
+    order = order[lengths[order] > 0]
+    for b0 in range(0, len(order), batch):
+        part = order[b0:b0 + batch]
+        seqs = [fx.ids[s.split[gi] - n:s.split[gi]] for gi, n in zip(g[part], lengths[part])]
+        out[part] = bb(left_pad(seqs, bb.maxlen))[:, -1].numpy()
     return out
 
 

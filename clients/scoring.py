@@ -81,21 +81,28 @@ def score(fx: Fixed, st: Devices, active: np.ndarray, lo: np.ndarray, hi: np.nda
                 groups.setdefault(key, []).append((j, model, c0, c1, o + c0 - e0))
     batch = int(fx.cfg.sim.batch)
     for jobs in groups.values():
+        # Similar lengths together: a batch pads to its longest sequence (padding changes no result).
+        jobs.sort(key=lambda job: _context(fx, job[0], job[2])[1] - _context(fx, job[0], job[2])[0])
         for b0 in range(0, len(jobs), batch):
             _score_batch(fx, jobs[b0:b0 + batch], out)
     return out
 
 
+def _context(fx: Fixed, j: int, c0: int) -> tuple[int, int]:
+    """(first, end) global indices of the sequence of the anchored chunk holding event c0."""
+    g = fx.devices[j]
+    base, end = fx.s.indptr[g], fx.s.indptr[g + 1]
+    chunk_end = min(end, base + ((c0 - base) // fx.chunk + 1) * fx.chunk)
+    return max(base, chunk_end - fx.model.backbone.maxlen), chunk_end
+
+
 @torch.no_grad()
 def _score_batch(fx: Fixed, jobs: list, out: Scored) -> None:
     bb = fx.model.backbone
-    T, C = bb.maxlen, fx.chunk
+    T = bb.maxlen
     seqs, firsts = [], []
     for j, _, c0, _, _ in jobs:
-        g = fx.devices[j]
-        base, end = fx.s.indptr[g], fx.s.indptr[g + 1]
-        chunk_end = min(end, base + ((c0 - base) // C + 1) * C)  # the anchored chunk's end
-        first = max(base, chunk_end - T)
+        first, chunk_end = _context(fx, j, c0)
         seqs.append(fx.ids[first:chunk_end])
         firsts.append(first)
     seq = left_pad(seqs, T)
@@ -105,8 +112,15 @@ def _score_batch(fx: Fixed, jobs: list, out: Scored) -> None:
     params = None
     if jobs[0][1].weights is not None:
         params = [None] * bb.n_blocks
+        mapper = fx.model.mapper
         for k in kept:
-            params[k] = bb.blocks[k].unflatten(torch.from_numpy(np.stack([m.weights[k] for _, m, _, _, _ in jobs])))
+            block = bb.blocks[k]
+            params[k] = block.unflatten(torch.from_numpy(np.stack([m.weights[k] for _, m, _, _, _ in jobs])))
+            if mapper is not None and not mapper.factored[k]:
+                # What the mapper does not generate is the shared tensor, in every device's copy:
+                # one matrix for the batch instead of one per device (the same numbers).
+                shared = block.shared()
+                params[k].update({n: shared[n] for n in params[k] if n not in mapper.names[k]})
     hidden = bb(seq, params=params, blocks=kept)
     # Every event: its user vector (state after it); scored events: the state before it.
     b_all, p_all, o_all = [], [], []

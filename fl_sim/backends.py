@@ -119,10 +119,6 @@ class RayFlower:
 
         ray.get(self.actors[s].rebuild.remote(self.run_dir, checkpoint_dir, entries))
 
-    def vanishing(self, round_: int, k: int) -> list[int]:
-        """The shards whose node an injected fault takes away in this round (at its first exchange)."""
-        return [s for s in range(self.n_shards) if k == 0 and self.faults.node_vanishes(s, round_)]
-
     def save_shards(self, folder: str) -> None:
         import ray
 
@@ -133,15 +129,17 @@ class RayFlower:
 
         ray.get([a.restore.remote(f"{folder}/shard_{s}.pt") for s, a in enumerate(self.actors)])
 
-    def deliver(self, round_: int, k: int, per_shard: list) -> None:
-        """Posted without waiting: the shard's exchange waits for them (see ShardActor.call). An
-        injected node loss wipes the shard's state instead (its ClientApp fails the exchange)."""
-        vanishing = self.vanishing(round_, k)
-        for s, (a, d) in enumerate(zip(self.actors, per_shard)):
-            if s in vanishing:
-                a.lose.remote()
+    def post(self, tick: int, round_: int, k: int, window: tuple | None, per_shard: list | None) -> None:
+        """Each shard's job for the ClientApp's message number `tick`, posted without waiting
+        (see ShardActor.post); window None: the run is over. An injected node loss wipes the
+        shard's state instead (its ClientApp fails the exchange)."""
+        for s, a in enumerate(self.actors):
+            if window is None:
+                a.post.remote(tick, {"stop": True})
+            elif k == 0 and self.faults.node_vanishes(s, round_):
+                a.post.remote(tick, {"lost": True, "round": round_})
             else:
-                a.deliver.remote(round_, k, d)
+                a.post.remote(tick, {"window": window, "round": round_, "exchange": k, "deliveries": per_shard[s]})
 
     def run(self, rec: Recorder) -> None:
         from flwr.simulation import run_simulation
@@ -151,7 +149,7 @@ class RayFlower:
 
         logging.getLogger("flwr").addFilter(_QuietInjected())
         rec.rebuild = self.rebuild
-        run_simulation(server_app=make_server_app(rec, deliver=self.deliver, vanishing=self.vanishing),
+        run_simulation(server_app=make_server_app(rec, post=self.post),
                        client_app=make_client_app(self.tag), num_supernodes=self.n_shards,
                        backend_config={"client_resources": {"num_cpus": self.per_worker, "num_gpus": 0.0}})
 

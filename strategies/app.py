@@ -23,40 +23,51 @@ from fl_sim.faults import INJECTED
 
 
 class CloudStrategy(Strategy):
-    """`deliver(round, exchange, per_shard)` hands each shard its deliveries outside Flower's
-    messages (through Ray's object store); without it they travel inside the messages.
-    `vanishing(round, exchange)`: the shards an injected node loss takes away."""
+    """`post(tick, round, exchange, window, per_shard)` hands each shard its exchange outside
+    Flower's messages (through Ray's object store); the Flower message is then only a tick, and
+    the next tick is sent while the current exchange runs, so that Flower's message polling
+    (every 0.1 s) overlaps the work. Without `post` the window and deliveries travel inside the
+    messages, one exchange at a time."""
 
-    def __init__(self, recorder: Recorder, deliver=None, vanishing=None, connect_timeout_s: float = 300.0,
+    def __init__(self, recorder: Recorder, post=None, connect_timeout_s: float = 300.0,
                  timeout_s: float = 86_400.0):
-        self.rec = recorder
-        self.deliver, self.vanishing = deliver, vanishing
+        self.rec, self.post = recorder, post
         self.connect_timeout_s, self.timeout_s = connect_timeout_s, timeout_s
+        self.tick, self.ahead = 0, None
 
     def summary(self) -> None:
         pass
 
     def start(self, grid: Grid, timeout: float = 86_400) -> None:
         self.timeout_s = timeout
+        if self.post is not None:
+            self.ahead = self._push_tick(grid)
         drive(self.rec, lambda r, k, window, inboxes: self.exchange(grid, r, k, window, inboxes))
+        if self.post is not None:  # the tick sent ahead finds the run over
+            self.post(self.tick, 0, 0, None, None)
+            self._pull(grid, self.ahead)
+
+    def _push_tick(self, grid: Grid) -> list:
+        config = ConfigRecord({"n": self.tick})
+        return list(grid.push_messages([Message(RecordDict({"tick": config}), dst_node_id=node, message_type="train",
+                                                group_id=str(self.tick)) for node in self._nodes(grid)]))
 
     def exchange(self, grid: Grid, r: int, k: int, window: tuple, inboxes: list) -> list[Reply]:
+        if self.post is not None:
+            self.post(self.tick, r, k, window, inboxes)
+            sent = self.ahead
+            self.tick += 1
+            self.ahead = self._push_tick(grid)
+            return self._replies(self._pull(grid, sent))
         kind, t0, t1, last = window
-        if self.deliver is not None:
-            self.deliver(r, k, inboxes)
-        vanished = self.vanishing(r, k) if self.vanishing is not None else []
-        config = ConfigRecord({"kind": kind, "t0": t0, "t1": t1, "last": last, "round": r, "exchange": k,
-                               "vanished": vanished})
+        config = ConfigRecord({"kind": kind, "t0": t0, "t1": t1, "last": last, "round": r, "exchange": k})
         messages = []
         for node in self._nodes(grid):
-            content = RecordDict({"window": config})
-            if self.deliver is None:
-                shard = self.rec.shard_of_node.get(node)
-                d = inboxes[shard] if shard is not None else self.rec.cloud.empty_deliveries()
-                content["deliveries"] = protocol.to_record(d.arrays())
+            shard = self.rec.shard_of_node.get(node)
+            d = inboxes[shard] if shard is not None else self.rec.cloud.empty_deliveries()
+            content = RecordDict({"window": config, "deliveries": protocol.to_record(d.arrays())})
             messages.append(Message(content, dst_node_id=node, message_type="train", group_id=f"{r}.{k}"))
-        ids = list(grid.push_messages(messages))
-        return self._replies(self._pull(grid, ids))
+        return self._replies(self._pull(grid, list(grid.push_messages(messages))))
 
     def _pull(self, grid: Grid, ids: list) -> list[Message]:
         """Every reply to the exchange's messages (as Grid.send_and_receive waits for them)."""
@@ -93,6 +104,8 @@ class CloudStrategy(Strategy):
                 continue  # (a shard missing without a word is rebuilt: see Recorder.collect)
             info = reply.content["info"]
             shard = int(info["shard"])
+            if info.get("stop"):
+                continue
             self.rec.shard_of_node[reply.metadata.src_node_id] = shard
             metrics = dict(reply.content["metrics"])
             metrics.pop("shard", None)
@@ -119,13 +132,13 @@ class CloudStrategy(Strategy):
         return None
 
 
-def make_server_app(recorder: Recorder, deliver=None, vanishing=None) -> ServerApp:
+def make_server_app(recorder: Recorder, post=None) -> ServerApp:
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context) -> None:
         if hasattr(grid, "pull_interval"):  # the in-memory grid polls for replies; 0.1 s an exchange adds up
             grid.pull_interval = 0.002
-        CloudStrategy(recorder, deliver, vanishing).start(grid)
+        CloudStrategy(recorder, post).start(grid)
 
     return app
