@@ -1,11 +1,11 @@
 """The fleet on real data: 5,000 MovieLens-1M users (SASRec preprocessing) as phones.
 
-    python benchmarks/fleet_ml1m.py [--pretrain-minutes 10] [--out DIR]
+    python benchmarks/fleet_ml1m.py [--pretrain-epochs 8] [--out DIR]
 
 Runs `python -m fl_sim.run dataset=ml1m_sas num_clients=5000` for DeviceRec (one model for
 everyone, shipped once; its requests bring candidates) and Forward-OFA, each under the `never`,
 `every_session`, `drift`, `session_drift` (the default) and `always` triggers, all with the same
-pre-training cap, then `python -m fl_sim.report` over them.
+pre-training (epochs), then `python -m fl_sim.report` over them.
 Writes benchmarks/results/fleet_ml1m.json (the comparison rows) and the report's table and
 plots into benchmarks/results/fleet_ml1m/.
 """
@@ -32,13 +32,14 @@ RUNS = {f"{method}_{trigger}": [f"method={method}", f"trigger={trigger}"]
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--pretrain-minutes", type=float, default=10)
+    parser.add_argument("--pretrain-epochs", type=int, default=8,
+                        help="pre-training bounded by epochs (not minutes), so the model does not depend on load")
     parser.add_argument("--out", default=None, help="where the runs go (default: a temporary folder)")
     opts = parser.parse_args()
     base = Path(opts.out or tempfile.mkdtemp())
     cache = os.environ.get("FL_SIM_CACHE") or str(base / "cache")
     common = ["dataset=ml1m_sas", f"dataset.path={DATA}", "num_clients=5000",
-              f"sim.pretrain.max_minutes={opts.pretrain_minutes}", "sim.pretrain.max_epochs=200",
+              f"sim.pretrain.max_epochs={opts.pretrain_epochs}", "sim.pretrain.max_minutes=120",
               "sim.backend=inprocess"]
     dirs = []
     for name, args in RUNS.items():

@@ -3,7 +3,8 @@
     python benchmarks/triggers_5000.py [--seeds 0,1,2] [--out DIR] [--cache DIR]
 
 For each seed, `python -m fl_sim.run num_clients=5000 sim.backend=inprocess seed=S trigger=T`
-with the defaults otherwise, for T in never, every_session, session_drift (the default) and
+with the defaults otherwise (pre-training bounded by epochs, `sim.pretrain.max_epochs=5
+sim.pretrain.max_minutes=60`, so that the model does not depend on the machine's load), for T in never, every_session, session_drift (the default) and
 always; for the first seed also the other built-in triggers. Then `python -m fl_sim.report` over
 the first seed's runs (table and plots into benchmarks/results/triggers_5000/), and
 benchmarks/results/triggers_5000.json: every run's summary, per trigger the mean and spread
@@ -56,7 +57,7 @@ def main() -> None:
     seeds = [int(s) for s in opts.seeds.split(",")]
     base = Path(opts.out or tempfile.mkdtemp())
     cache = opts.cache or os.environ.get("FL_SIM_CACHE") or str(base / "cache")
-    common = ["num_clients=5000", "sim.backend=inprocess"]
+    common = ["num_clients=5000", "sim.backend=inprocess", "sim.pretrain.max_epochs=5", "sim.pretrain.max_minutes=60"]
     runs: dict[str, dict] = {}
     first_dirs = []
     for seed in seeds:
