@@ -1,10 +1,10 @@
 """The fleet on real data: 5,000 MovieLens-1M users (SASRec preprocessing) as phones.
 
-    python benchmarks/fleet_ml1m.py [--pretrain-epochs 8] [--out DIR]
+    python benchmarks/fleet_ml1m.py [--pretrain-epochs 5] [--out DIR]
 
 Runs `python -m fl_sim.run dataset=ml1m_sas num_clients=5000` for DeviceRec (one model for
 everyone, shipped once; its requests bring candidates) and Forward-OFA, each under the `never`,
-`every_session`, `drift`, `session_drift` (the default) and `always` triggers, all with the same
+`every_session`, `drift` and `always` triggers, all with the same
 pre-training (epochs), then `python -m fl_sim.report` over them.
 Writes benchmarks/results/fleet_ml1m.json (the comparison rows) and the report's table and
 plots into benchmarks/results/fleet_ml1m/.
@@ -25,14 +25,14 @@ import pandas as pd
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(os.environ.get("FL_SIM_SHARED", ROOT.parent / "shared")) / "data/ml-1m/ml-1m-sas.txt.gz"
-TRIGGERS = ("never", "every_session", "drift", "session_drift", "always")
+TRIGGERS = ("never", "every_session", "drift", "always")
 RUNS = {f"{method}_{trigger}": [f"method={method}", f"trigger={trigger}"]
         for method in ("device_rec", "forward_ofa") for trigger in TRIGGERS}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--pretrain-epochs", type=int, default=8,
+    parser.add_argument("--pretrain-epochs", type=int, default=5,
                         help="pre-training bounded by epochs (not minutes), so the model does not depend on load")
     parser.add_argument("--out", default=None, help="where the runs go (default: a temporary folder)")
     opts = parser.parse_args()

@@ -34,6 +34,9 @@ KEYS = ("ndcg10", "hit10", "requests", "bytes_per_device_per_day", "update_bytes
 
 
 def run(name: str, args: list[str], out: Path, cache: str) -> dict:
+    if (out / "summary.json").exists() and (out / "config.yaml").exists():  # a finished run of an earlier call
+        summary = json.loads((out / "summary.json").read_text())
+        return {k: summary[k] for k in KEYS}
     res = subprocess.run([sys.executable, "-m", "fl_sim.run", *args, f"output_dir={out}"], cwd=ROOT,
                          capture_output=True, text=True, env={**os.environ, "FL_SIM_CACHE": cache})
     if res.returncode != 0:
@@ -60,13 +63,13 @@ def main() -> None:
     common = ["num_clients=5000", "sim.backend=inprocess", "sim.pretrain.max_epochs=5", "sim.pretrain.max_minutes=60"]
     runs: dict[str, dict] = {}
     first_dirs = []
-    for seed in seeds:
-        for trigger in CORE + (MORE if seed == seeds[0] else []):
-            name = f"{trigger}_seed{seed}"
-            out = base / name
-            runs[name] = run(name, [*common, f"seed={seed}", f"trigger={trigger}"], out, cache)
-            if seed == seeds[0]:
-                first_dirs.append(str(out))
+    plan = [(seed, t) for seed in seeds for t in CORE] + [(seeds[0], t) for t in MORE]
+    for seed, trigger in plan:
+        name = f"{trigger}_seed{seed}"
+        out = base / name
+        runs[name] = run(name, [*common, f"seed={seed}", f"trigger={trigger}"], out, cache)
+        if seed == seeds[0]:
+            first_dirs.append(str(out))
     report_dir = ROOT / "benchmarks/results/triggers_5000"
     shutil.rmtree(report_dir, ignore_errors=True)
     subprocess.run([sys.executable, "-m", "fl_sim.report", *first_dirs, f"output_dir={report_dir}"], cwd=ROOT,

@@ -51,6 +51,7 @@ def replay(fx: Fixed, st: Devices, trigger: Trigger, active: np.ndarray, lo: np.
         acc["scored"][js] += scored
         acc["no_model"][js] += no_model
         acc["no_context"][js] += ~scored & ~no_model
+        acc["waiting"][js] += scored & st.outstanding[js]  # ranked while an answer was on its way
         acc["flops"][js] += np.where(scored, sc.flops[out], 0)
         acc["params"][js] += np.where(scored, sc.params[out], 0)
         st.block_events[js] += scored[:, None] & sc.blocks[out]

@@ -24,7 +24,7 @@ ACCOUNTS = ("events", "scored", "no_context", "no_model", "ndcg", "hit", "flops"
             "bytes_up", "bytes_down", "bytes_model", "bytes_candidates", "bytes_first", "offline_deferred",
             "budget_violations", "over_budget_events", "request_flops", "train_flops", "local_updates",
             "not_served", "bytes_wasted", "answers", "budget_cut", "kept_blocks_sum", "answer_flops_sum",
-            "installs", *COUNTS)
+            "installs", "waiting", *COUNTS)
 
 
 @dataclass

@@ -209,6 +209,7 @@ def write_results(cfg, out: Path, rec: Recorder, streams, cloud, n_shards, cache
         "offline_deferred": int(table["offline_deferred"].sum()),
         "download_retries": int(table["offline_waits"].sum()),  # offline at the answer: waited to be online
         "request_to_install_s": install_delays(installs, fleet),
+        "events_waiting": int(table["waiting"].sum()),  # ranked with the old model while an answer was on its way
         "by_tier": by_group(table, "tier", installs, fleet),
         "by_link": by_group(table, "link_class", installs, fleet),
         "faults": {  # what went wrong and how it was handled (conf/faults); zero in a clean run
@@ -272,6 +273,7 @@ def by_group(table: pd.DataFrame, column: str, installs: np.ndarray, fleet) -> d
             "mean_flops_per_inference": float(g["flops"].sum() / scored) if scored else None,
             "ndcg10": float(g["ndcg"].sum() / scored) if scored else None,
             "hit10": float(g["hit"].sum() / scored) if scored else None,
+            "share_events_waiting": float(g["waiting"].sum() / scored) if scored else None,
             "request_to_install_s": _quantiles(delay[:, 2] - delay[:, 1]),
         }
     return out

@@ -57,13 +57,18 @@ def test_ray_backend_matches_inprocess(tmp_path, cache):
     assert len(pd.read_parquet(out / "devices.parquet")) == 40
 
 
-def test_candidate_errors_name_the_key(tmp_path):
+def test_candidate_and_budget_errors_name_the_key(tmp_path):
+    from fl_sim.config_check import check_ranges
+    from fl_sim.errors import ConfigError
+    from helpers import make_cfg
+
+    for key in ("devices.latency_s=0", "devices.latency_s=2.0", "devices.compute_share=1.5",
+                "devices.memory_share=-1.0"):
+        with pytest.raises(ConfigError, match=key.split("=")[0].replace(".", r"\.")):
+            check_ranges(make_cfg(key))
     for value in ("5", "100000"):  # below 10; above the catalogue
         res = run_module("fl_sim.run", *SMALL, f"sim.candidates={value}", f"output_dir={tmp_path / value}")
         assert res.returncode == 2 and "sim.candidates" in res.stderr, res.stderr[-500:]
-    for key in ("devices.latency_s=0", "devices.compute_share=1.5", "devices.memory_share=-1"):
-        res = run_module("fl_sim.run", *SMALL, key, f"output_dir={tmp_path / 'x'}")
-        assert res.returncode == 2 and key.split("=")[0] in res.stderr, res.stderr[-500:]
 
 
 def test_results_do_not_depend_on_the_round_length(tmp_path, cache):
@@ -82,8 +87,9 @@ def test_results_do_not_depend_on_the_round_length(tmp_path, cache):
 
 
 def test_finetune_trains_on_device_whatever_the_sharding(tmp_path, cache):
-    one, _ = simulate(tmp_path, "ft1", "method=finetune", "sim.backend=inprocess", "sim.nodes=1", cache=cache)
-    three, _ = simulate(tmp_path, "ft3", "method=finetune", "sim.backend=inprocess", "sim.nodes=3", cache=cache)
+    short = ("method=finetune", "sim.backend=inprocess", "sim.max_rounds=12")
+    one, _ = simulate(tmp_path, "ft1", *short, "sim.nodes=1", cache=cache)
+    three, _ = simulate(tmp_path, "ft3", *short, "sim.nodes=3", cache=cache)
     assert one["requests"] > 0 and one["bytes_down_model"] == 0  # the cloud sends candidates, never a model
     assert one["local_updates"] > 0 and one["train_flops_per_device_per_day"] > 0
     assert one["events_no_model"] == 0
@@ -124,7 +130,7 @@ def test_a_device_waits_for_its_model_before_asking_again(tmp_path, cache):
     event: a request stays outstanding until its sub-model is installed, so no delivery ever
     replaces one still on its way (the shard refuses that outright) and slow links mean fewer
     requests."""
-    base = ["sim.backend=inprocess", "trigger=always", "model.d=64"]  # blocks of ~200 kB
+    base = ["sim.backend=inprocess", "trigger=always", "model.d=64", "sim.max_rounds=12"]  # blocks of ~200 kB
     slow = ["~devices.links", "+devices.links={slow: {share: 1.0, down_mbps: 0.00001, up_ratio: 0.5, sigma: 0.1}}"]
     fast, _ = simulate(tmp_path, "fast", *base, cache=cache)
     summary, _ = simulate(tmp_path, "slow", *base, *slow, cache=cache)  # the link's floor: 1 kB/s
