@@ -1,6 +1,6 @@
 """Request triggers on 5,000 synthetic devices in the deployment setting, over seeds.
 
-    python benchmarks/triggers_5000.py [--seeds 0,1,2] [--out DIR] [--cache DIR]
+    python benchmarks/triggers_5000.py [--seeds 0,1,2] [--more periodic,drift,...] [--out DIR] [--cache DIR]
 
 For each seed, `python -m fl_sim.run num_clients=5000 sim.backend=inprocess seed=S trigger=T`
 with the defaults otherwise (pre-training bounded by epochs, `sim.pretrain.max_epochs=5
@@ -54,6 +54,7 @@ def spread(values: list[float]) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--more", default=",".join(MORE), help="the other triggers, run for the first seed only")
     parser.add_argument("--out", default=None, help="where the runs go (default: a temporary folder)")
     parser.add_argument("--cache", default=None, help="cache directory (pre-trained models) to reuse")
     opts = parser.parse_args()
@@ -63,7 +64,8 @@ def main() -> None:
     common = ["num_clients=5000", "sim.backend=inprocess", "sim.pretrain.max_epochs=5", "sim.pretrain.max_minutes=60"]
     runs: dict[str, dict] = {}
     first_dirs = []
-    plan = [(seed, t) for seed in seeds for t in CORE] + [(seeds[0], t) for t in MORE]
+    more = [t for t in opts.more.split(",") if t]
+    plan = [(seed, t) for seed in seeds for t in CORE] + [(seeds[0], t) for t in more]
     for seed, trigger in plan:
         name = f"{trigger}_seed{seed}"
         out = base / name
