@@ -67,8 +67,8 @@ def main() -> None:
     first_dirs = []
     more = [t for t in opts.more.split(",") if t]
     first_only = {t for t in opts.first_only.split(",") if t}
-    plan = [(seed, t) for seed in seeds for t in CORE if seed == seeds[0] or t not in first_only]
-    plan += [(seeds[0], t) for t in more]
+    plan = [(seed, t) for seed in seeds for t in CORE if t not in first_only]
+    plan += [(seeds[0], t) for t in CORE if t in first_only] + [(seeds[0], t) for t in more]
     for seed, trigger in plan:
         name = f"{trigger}_seed{seed}"
         out = base / name
