@@ -1,6 +1,7 @@
 """Request triggers on 5,000 synthetic devices in the deployment setting, over seeds.
 
-    python benchmarks/triggers_5000.py [--seeds 0,1,2] [--more periodic,drift,...] [--out DIR] [--cache DIR]
+    python benchmarks/triggers_5000.py [--seeds 0,1,2] [--first-only always] [--skip always]
+                                       [--more periodic,drift,...] [--out DIR] [--cache DIR]
 
 For each seed, `python -m fl_sim.run num_clients=5000 sim.backend=inprocess seed=S trigger=T`
 with the defaults otherwise (pre-training bounded by epochs, `sim.pretrain.max_epochs=5
@@ -56,6 +57,7 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--more", default=",".join(MORE), help="the other triggers, run for the first seed only")
     parser.add_argument("--first-only", default="", help="triggers of the core four run for the first seed only")
+    parser.add_argument("--skip", default="", help="triggers of the core four not run at all")
     parser.add_argument("--out", default=None, help="where the runs go (default: a temporary folder)")
     parser.add_argument("--cache", default=None, help="cache directory (pre-trained models) to reuse")
     opts = parser.parse_args()
@@ -67,8 +69,9 @@ def main() -> None:
     first_dirs = []
     more = [t for t in opts.more.split(",") if t]
     first_only = {t for t in opts.first_only.split(",") if t}
-    plan = [(seed, t) for seed in seeds for t in CORE if t not in first_only]
-    plan += [(seeds[0], t) for t in CORE if t in first_only] + [(seeds[0], t) for t in more]
+    core = [t for t in CORE if t not in {t for t in opts.skip.split(",") if t}]
+    plan = [(seed, t) for seed in seeds for t in core if t not in first_only]
+    plan += [(seeds[0], t) for t in core if t in first_only] + [(seeds[0], t) for t in more]
     for seed, trigger in plan:
         name = f"{trigger}_seed{seed}"
         out = base / name
@@ -80,7 +83,7 @@ def main() -> None:
     subprocess.run([sys.executable, "-m", "fl_sim.report", *first_dirs, f"output_dir={report_dir}"], cwd=ROOT,
                    check=True, capture_output=True)
     per_trigger = {}
-    for trigger in CORE:
+    for trigger in core:
         have = [s for s in seeds if f"{trigger}_seed{s}" in runs]
         vals = [runs[f"{trigger}_seed{s}"]["ndcg10"] for s in have]
         byte = [runs[f"{trigger}_seed{s}"]["bytes_per_device_per_day"] for s in have]
@@ -88,7 +91,7 @@ def main() -> None:
                                 "ndcg10_per_seed": vals, "bytes_per_device_per_day_mean": statistics.mean(byte),
                                 "seeds": have}
     pairs = {}
-    for a, b in itertools.combinations(CORE, 2):
+    for a, b in itertools.combinations(core, 2):
         both = [s for s in seeds if f"{a}_seed{s}" in runs and f"{b}_seed{s}" in runs]
         diff = [runs[f"{b}_seed{s}"]["ndcg10"] - runs[f"{a}_seed{s}"]["ndcg10"] for s in both]
         pairs[f"{b} - {a}"] = {"mean": statistics.mean(diff), "spread": spread(diff), "per_seed": diff, "seeds": both}
