@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from clients.state import Devices, Fixed, Model
+from clients.state import Devices, Fixed
 from fl_sim.training import left_pad
 
 
@@ -82,7 +82,7 @@ def score(fx: Fixed, st: Devices, active: np.ndarray, lo: np.ndarray, hi: np.nda
     batch = int(fx.cfg.sim.batch)
     for jobs in groups.values():
         # Similar lengths together: a batch pads to its longest sequence (padding changes no result).
-        jobs.sort(key=lambda job: _context(fx, job[0], job[2])[1] - _context(fx, job[0], job[2])[0])
+        jobs.sort(key=lambda job: (lambda c: c[1] - c[0])(_context(fx, job[0], job[2])))
         for b0 in range(0, len(jobs), batch):
             _score_batch(fx, jobs[b0:b0 + batch], out)
     return out
@@ -168,7 +168,7 @@ def rank_targets(fx: Fixed, h: torch.Tensor, rows: np.ndarray, events: np.ndarra
         rank = (scores > t_score.unsqueeze(1)).sum(1).numpy()
         rank = np.where(inside, rank, c.shape[1])
     else:
-        scores = bb_scores(fx, h)
+        scores = h @ torch.from_numpy(fx.emb[1:]).T
         lo = np.searchsorted(fx.seen_key, g * n_items)
         hi = np.searchsorted(fx.seen_key, (g + 1) * n_items)
         r = np.repeat(np.arange(len(g)), hi - lo)
@@ -183,10 +183,3 @@ def rank_targets(fx: Fixed, h: torch.Tensor, rows: np.ndarray, events: np.ndarra
     ent = -(p * logp.nan_to_num(0.0, neginf=0.0)).sum(1).numpy()
     return rank, ent
 
-
-def bb_scores(fx: Fixed, h: torch.Tensor) -> torch.Tensor:
-    return h @ torch.from_numpy(fx.emb[1:]).T
-
-
-def held_model(blocks: np.ndarray, weights: dict | None, candidates: np.ndarray) -> Model:
-    return Model(blocks=np.asarray(blocks, bool).copy(), weights=weights, candidates=np.asarray(candidates, np.int64))
