@@ -18,6 +18,7 @@ from fl_sim.devices.fleet import Fleet
 from fl_sim.faults import Faults
 from fl_sim.models import cost
 from fl_sim.models.recommender import Recommender
+from fl_sim.protocol import candidate_count
 from fl_sim.runfiles import Streams
 
 ACCOUNTS = ("events", "scored", "no_context", "no_model", "ndcg", "hit", "flops", "params", "requests",
@@ -57,7 +58,7 @@ def load_fixed(run_dir: str, shard: int, n_shards: int) -> Fixed:
     model = runfiles.load_model(run_dir)
     bb = model.backbone
     devices = np.arange(shard, s.n_devices, n_shards)
-    n_cand = 0 if cfg.sim.candidates == "full" else min(int(cfg.sim.candidates), s.n_items)
+    n_cand = candidate_count(cfg, s.n_items)
     block_flops, block_params = cost.per_block(bb)
     keys, first = [], []
     for g in devices:

@@ -131,6 +131,11 @@ class Deliveries:
         return cls(**{f.name: arrays[f.name] for f in fields(cls) if f.name != "weights"}, weights=weights)
 
 
+def candidate_count(cfg, n_items: int) -> int:
+    """Items shipped per answer (0: the device holds the whole catalogue)."""
+    return 0 if cfg.sim.candidates == "full" else min(int(cfg.sim.candidates), n_items)
+
+
 def to_record(arrays: dict[str, np.ndarray]):
     from flwr.app import Array, ArrayRecord
 

@@ -20,15 +20,10 @@ from fl_sim.faults import Faults, checksum
 from fl_sim.models import cost
 from fl_sim.models.assemble import assemble_batch
 from fl_sim.models.forward_ofa import argmax_gate
-from fl_sim.protocol import Deliveries, Requests
+from fl_sim.protocol import Deliveries, Requests, candidate_count
 from strategies import validate
 
 ID_BYTES = 4  # an item id on the wire
-
-
-def candidate_count(cfg, n_items: int) -> int:
-    """Items shipped per answer (0: the device holds the whole catalogue)."""
-    return 0 if cfg.sim.candidates == "full" else min(int(cfg.sim.candidates), n_items)
 
 
 class Cloud:
