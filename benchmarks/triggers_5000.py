@@ -2,6 +2,7 @@
 
     python benchmarks/triggers_5000.py [--seeds 0,1,2] [--first-only always] [--skip always]
                                        [--more periodic,drift,...] [--out DIR] [--cache DIR]
+                                       [--reuse-recorded]
 
 For each seed, `python -m fl_sim.run num_clients=5000 sim.backend=inprocess seed=S trigger=T`
 with the defaults otherwise (pre-training bounded by epochs, `sim.pretrain.max_epochs=5
@@ -60,7 +61,12 @@ def main() -> None:
     parser.add_argument("--skip", default="", help="triggers of the core four not run at all")
     parser.add_argument("--out", default=None, help="where the runs go (default: a temporary folder)")
     parser.add_argument("--cache", default=None, help="cache directory (pre-trained models) to reuse")
+    parser.add_argument("--reuse-recorded", action="store_true",
+                        help="take runs of the seeds after the first from benchmarks/results/triggers_5000.json "
+                             "where it holds them (the report needs only the first seed's run folders)")
     opts = parser.parse_args()
+    results_path = ROOT / "benchmarks/results/triggers_5000.json"
+    recorded = json.loads(results_path.read_text())["runs"] if opts.reuse_recorded and results_path.exists() else {}
     seeds = [int(s) for s in opts.seeds.split(",")]
     base = Path(opts.out or tempfile.mkdtemp())
     cache = opts.cache or os.environ.get("FL_SIM_CACHE") or str(base / "cache")
@@ -75,6 +81,9 @@ def main() -> None:
     for seed, trigger in plan:
         name = f"{trigger}_seed{seed}"
         out = base / name
+        if seed != seeds[0] and name in recorded and not out.exists():
+            runs[name] = recorded[name]
+            continue
         runs[name] = run(name, [*common, f"seed={seed}", f"trigger={trigger}"], out, cache)
         if seed == seeds[0]:
             first_dirs.append(str(out))
@@ -97,7 +106,7 @@ def main() -> None:
         pairs[f"{b} - {a}"] = {"mean": statistics.mean(diff), "spread": spread(diff), "per_seed": diff, "seeds": both}
     result = {"what": "5,000 synthetic devices, default config, in-process; spread = sample std over seeds",
               "common_args": common, "seeds": seeds, "per_trigger": per_trigger, "pairs": pairs, "runs": runs}
-    (ROOT / "benchmarks/results/triggers_5000.json").write_text(json.dumps(result, indent=2) + "\n")
+    results_path.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({"per_trigger": per_trigger, "pairs": pairs}, indent=2))
 
 
