@@ -69,6 +69,7 @@ def receive(fx: Fixed, st: Devices, d: Deliveries) -> None:
             st.local[j] = None
             continue
         acc["bytes_wasted"][j] += spent[i] - size[i]
+        st.holds[j] |= d.blocks[i]
         if not d.first[i]:  # after deployment (the first delivery is in bytes_first)
             acc["bytes_model"][j] += d.model_bytes[i]
             acc["bytes_candidates"][j] += d.candidate_bytes[i]

@@ -2,7 +2,8 @@
 
 A request carries what the device may reveal: the structure beta and interest h its on-device
 controller and extractor compute from its last `window` items, the user vector of the model it
-holds (for the cloud's retrieval), and its budget now; never item ids. Its upload takes the
+holds (for the cloud's retrieval), its budget now, and which blocks' shared weights it holds;
+never item ids. Its upload takes the
 time its link needs at that moment. A device's first request (deployment) is built from its
 history, which the cloud already holds: its user vector comes from the cloud's shared model.
 
@@ -39,7 +40,7 @@ def build(fx: Fixed, st: Devices, rows: np.ndarray, ends: np.ndarray, t: np.ndar
                                                                    1e-4, 1.0))
     h_np = h.numpy() if h is not None else np.zeros((len(rows), 0), np.float32)
     max_f, max_p = device_budgets(fx.fleet, fx.cfg.devices, g, t)
-    up_bytes = (L * 2 + h_np.shape[1] + user.shape[1] + 2) * FLOAT_BYTES
+    up_bytes = (L * 2 + h_np.shape[1] + user.shape[1] + 2) * FLOAT_BYTES + (L + 7) // 8  # + holds, 1 bit a block
     upload = np.zeros(len(rows)) if first else fx.fleet.transfer_time(g, t, up_bytes, uplink=True)
     acc = st.acc
     acc["bytes_up"][rows] += up_bytes
@@ -57,7 +58,7 @@ def build(fx: Fixed, st: Devices, rows: np.ndarray, ends: np.ndarray, t: np.ndar
     return Requests(device=g.astype(np.int64), time=np.asarray(t, float), ready_time=t + upload,
                     beta=beta_np.astype(np.float32), h=h_np.astype(np.float32), user=user.astype(np.float32),
                     max_flops=np.asarray(max_f, float), max_params=np.asarray(max_p, float),
-                    first=np.full(len(rows), first))
+                    first=np.full(len(rows), first), holds=st.holds[rows].copy())
 
 
 def _encode(fx: Fixed, recent: list, g: np.ndarray, ends: np.ndarray):

@@ -115,12 +115,11 @@ def _score_batch(fx: Fixed, jobs: list, out: Scored) -> None:
         mapper = fx.model.mapper
         for k in kept:
             block = bb.blocks[k]
-            params[k] = block.unflatten(torch.from_numpy(np.stack([m.weights[k] for _, m, _, _, _ in jobs])))
-            if mapper is not None and not mapper.factored[k]:
-                # What the mapper does not generate is the shared tensor, in every device's copy:
-                # one matrix for the batch instead of one per device (the same numbers).
-                shared = block.shared()
-                params[k].update({n: shared[n] for n in params[k] if n not in mapper.names[k]})
+            stacked = torch.from_numpy(np.stack([m.weights[k] for _, m, _, _, _ in jobs]))
+            # The mapper's terms on the shard's one copy of the shared weights, as in offline
+            # evaluation (what it does not generate stays one shared matrix for the batch);
+            # finetune's own training: whole flat vectors.
+            params[k] = mapper.params_from_terms(block, k, stacked) if mapper is not None else block.unflatten(stacked)
     hidden = bb(seq, params=params, blocks=kept)
     # Every event: its user vector (state after it); scored events: the state before it.
     b_all, p_all, o_all = [], [], []

@@ -81,8 +81,10 @@ def load_fixed(run_dir: str, shard: int, n_shards: int) -> Fixed:
 
 @dataclass
 class Model:
-    """One device's model and candidates: kept blocks, generated weights per block (None: the
-    shared weights), candidate item ids (empty: the whole catalogue)."""
+    """One device's model and candidates: kept blocks; per kept block what differs from the
+    block's shared weights, which the shard holds once (the mapper's generated terms, or for
+    `finetune` the device's own trained flat vector; None: the shared weights); candidate item
+    ids (empty: the whole catalogue)."""
 
     blocks: np.ndarray
     weights: dict | None
@@ -114,6 +116,7 @@ class Devices:
     hit_rate: np.ndarray
     signal_n: np.ndarray
     block_events: np.ndarray  # [n, L] scored events with block k in the model held
+    holds: np.ndarray  # [n, L] bool: the block's shared weights have been delivered
     acc: dict = field(default_factory=dict)  # per-device totals, keys ACCOUNTS
     installs: list = field(default_factory=list)  # (device, request time, install time) arrays per receipt
 
@@ -127,4 +130,5 @@ class Devices:
                    downloads=np.zeros(n, np.int64), events_since=np.zeros(n), sessions_since=np.zeros(n),
                    last_session=np.full(n, -1), interest=np.zeros((n, d)), interest_at_request=np.zeros((n, d)),
                    entropy=np.zeros(n), hit_rate=np.zeros(n), signal_n=np.zeros(n), block_events=np.zeros((n, L)),
+                   holds=np.zeros((n, L), bool),
                    acc={k: np.zeros(n) for k in ACCOUNTS})

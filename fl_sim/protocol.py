@@ -2,13 +2,17 @@
 
 Device -> cloud, `Requests` (built only by clients/outbox.py): what a device may reveal, never
 item ids: the structure beta and interest h of the adaptive methods, a user vector from its
-on-device model for retrieval, and its budget now.
+on-device model for retrieval, its budget now, and which blocks' shared weights it already
+holds (so that a delta payload need not send them again).
 
 Cloud -> device, `Deliveries` (built only by strategies/cloud.py): per answered request the
-sub-model (kept blocks and, for generated weights, their fp32 vectors) and the top-N candidate
-items; plus the devices whose request was refused or could not be served (they may ask again).
-Block k's weights are a matrix holding one row per delivery that keeps block k, in delivery
-order, so no row index travels with them.
+sub-model (kept blocks and, for generated weights, the terms the mapper generated for them,
+fp32) and the top-N candidate items; plus the devices whose request was refused or could not
+be served (they may ask again). Block k's terms are a matrix holding one row per delivery that
+keeps block k, in delivery order, so no row index travels with them. The device adds them to
+the block's shared weights; `model_bytes` counts what the payload mode ships (`sim.payload`:
+`full`, every kept block's whole weights as the paper ships them; `delta`, the terms, plus a
+block's shared weights the first time the device keeps it).
 
 The Flower apps carry both as ArrayRecords (`to_record` / `from_record`); the in-process
 backend passes the objects as they are.
@@ -37,13 +41,14 @@ class Requests:
     max_flops: np.ndarray  # [r] budget: FLOPs per inference
     max_params: np.ndarray  # [r] budget: on-device parameters
     first: np.ndarray  # [r] bool: the device's first model (deployment)
+    holds: np.ndarray  # [r, L] bool: blocks whose shared weights the device holds
 
     @classmethod
     def empty(cls, n_blocks: int, h_dim: int, d: int) -> "Requests":
         return cls(device=np.zeros(0, np.int64), time=np.zeros(0), ready_time=np.zeros(0),
                    beta=np.zeros((0, n_blocks, 2), np.float32), h=np.zeros((0, h_dim), np.float32),
                    user=np.zeros((0, d), np.float32), max_flops=np.zeros(0), max_params=np.zeros(0),
-                   first=np.zeros(0, bool))
+                   first=np.zeros(0, bool), holds=np.zeros((0, n_blocks), bool))
 
     def __len__(self) -> int:
         return len(self.device)
@@ -71,7 +76,8 @@ class Deliveries:
     candidates: np.ndarray  # [m, N] int64 item ids (dataset ids), best first; [m, 0]: the whole catalogue
     checksum: np.ndarray  # [m] CRC-32 of the sub-model (fl_sim.faults.checksum)
     first: np.ndarray  # [m] bool: the first model, installed before deployment starts
-    weights: list = field(metadata={"row": False})  # per block: [m_k, P_k] float32, or None (shared weights)
+    weights: list = field(metadata={"row": False})  # per block: [m_k, T_k] float32 generated terms, or None
+    # (the shared weights: no mapper)
     refused: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64), metadata={"row": False})
 
     @classmethod

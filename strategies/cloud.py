@@ -38,6 +38,7 @@ class Cloud:
         self.n_devices = s.n_devices
         self.n_cand = candidate_count(cfg, s.n_items)
         self.precision = str(cfg.sim.precision)
+        self.payload = cost.Payload(self.model, str(cfg.sim.payload))
         self.items = bb.item_emb.weight[1:].detach()
         # What the cloud holds legitimately: each device's history before T0 (left out of retrieval).
         lengths = s.split - s.indptr[:-1]
@@ -122,8 +123,8 @@ class Cloud:
         self.counts["first_unservable"] += int((~fits & req.first).sum())
         keep = np.flatnonzero(fits)
         wanted = argmax_gate(beta).numpy() >= 0.5
-        model_bytes = a.payload_bytes.astype(np.int64)
-        if self.static:  # the one model ships once; later answers bring candidates only
+        model_bytes = self.payload.bytes(a.keep, req.holds)
+        if self.static:  # the one model (device_rec, finetune) ships once; later answers bring candidates only
             model_bytes = np.where(req.first, model_bytes, 0)
         cand = self.retrieve(req.device[keep], req.user[keep])
         n = cand.shape[1]
@@ -134,11 +135,9 @@ class Cloud:
                          candidate_bytes=np.full(len(keep), cand_bytes, np.int64), candidates=cand,
                          checksum=np.zeros(len(keep), np.int64), first=req.first[keep],
                          weights=[None] * self.L, refused=self._not_served(req.device[~fits]))
-        if self.model.mapper is not None:  # shared weights are on the device already
-            served = torch.from_numpy(fits)
-            for k, rows in a.rows.items():
-                w = a.flat[k][served[torch.from_numpy(rows)]] if not fits.all() else a.flat[k]
-                out.weights[k] = w.numpy()
+        served = torch.from_numpy(fits)
+        for k, t in a.terms.items():  # what differs per device (shared weights: none)
+            out.weights[k] = (t[served[torch.from_numpy(a.rows[k])]] if not fits.all() else t).numpy()
         rows = out.weight_rows()
         out.checksum[:] = [checksum(out.blocks[i], rows[i], out.candidates[i]) for i in range(len(out))]
         return out

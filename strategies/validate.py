@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-REQUEST_KEYS = ("device", "time", "ready_time", "beta", "h", "user", "max_flops", "max_params", "first")
+REQUEST_KEYS = ("device", "time", "ready_time", "beta", "h", "user", "max_flops", "max_params", "first", "holds")
 
 
 def check_part(part: dict, n_blocks: int, h_dim: int, d: int) -> str | None:
@@ -24,7 +24,7 @@ def check_part(part: dict, n_blocks: int, h_dim: int, d: int) -> str | None:
     if any(np.ndim(part[k]) != 1 or len(part[k]) != n for k in vectors):
         return "shape"
     if (np.shape(part["beta"]) != (n, n_blocks, 2) or np.shape(part["h"]) != (n, h_dim)
-            or np.shape(part["user"]) != (n, d)):
+            or np.shape(part["user"]) != (n, d) or np.shape(part["holds"]) != (n, n_blocks)):
         return "shape"
     return None
 

@@ -9,7 +9,7 @@ def requests(n=4, L=3, H=2):
     return {"device": np.arange(n, dtype=np.int64), "time": np.zeros(n), "ready_time": np.zeros(n),
             "beta": np.zeros((n, L, 2), np.float32), "h": np.zeros((n, H), np.float32),
             "user": np.zeros((n, 4), np.float32), "max_flops": np.full(n, 1e9), "max_params": np.full(n, 1e6),
-            "first": np.zeros(n, bool)}
+            "first": np.zeros(n, bool), "holds": np.zeros((n, L), bool)}
 
 
 def test_whole_part_shapes():

@@ -152,6 +152,39 @@ def test_budget_drops_least_wanted_blocks():
     assert ok[0].payload_bytes(model, "fp16") == 2 * ok[0].shipped_params
 
 
+def test_payload_bytes_full_and_delta_by_hand():
+    """SASRec, d=16: a block is 6 matrices of 16x16 and 10 vectors of 16 (1,696 numbers, 6,784
+    bytes at fp32); `affine` generates the 10 vectors (160 numbers, 640 bytes)."""
+    model = make("sasrec", 2, generate="affine")
+    keep = np.array([[1, 1], [1, 0], [0, 1], [0, 0]], bool)
+    holds = np.array([[1, 0], [1, 1], [0, 0], [0, 0]], bool)
+    whole, terms = 4 * (6 * 16 * 16 + 10 * 16), 4 * 10 * 16
+    assert cost.Payload(model, "full").bytes(keep, holds).tolist() == [2 * whole, whole, whole, 0]
+    assert cost.Payload(model, "delta").bytes(keep, holds).tolist() == [2 * terms + whole, terms, terms + whole, 0]
+    static = make("sasrec", 2, method="device_rec", structure="all", mapper=False, structural=False)
+    assert cost.Payload(static, "delta").bytes(keep, holds).tolist() == [2 * whole, whole, whole, 0]
+    with pytest.raises(ValueError, match="payload mode"):
+        cost.Payload(model, "half")
+
+
+def test_device_weights_from_terms_equal_served_weights():
+    """What a device rebuilds from its terms and the shared weights is the sub-model the cloud
+    assembled (the fleet stores terms; offline evaluation runs the full vectors)."""
+    for generate in ("full", "affine", "lowrank"):
+        model = make("sasrec", 3, generate=generate)
+        seq = batch()
+        beta, g, h = model.encode(seq)
+        subs = assemble(model, beta, g, h, [Budget()] * len(seq))
+        for i, sub in enumerate(subs):
+            for k, flat in zip(sub.blocks, sub.flat):
+                block = model.backbone.blocks[k]
+                named = model.mapper.params_from_terms(block, k, model.mapper.terms(k, h[i:i + 1]))
+                rebuilt = block.unflatten(flat.unsqueeze(0))
+                for name, t in named.items():
+                    t = t.dense() if isinstance(t, LowRank) else t
+                    torch.testing.assert_close(rebuilt[name], t.expand_as(rebuilt[name]))
+
+
 @pytest.mark.parametrize("kind,generate", [("sasrec", "full"), ("sasrec", "affine"), ("sasrec", "lowrank"),
                                            ("nextitnet", "lowrank")])
 def test_serving_weights_equal_training_weights(kind, generate):

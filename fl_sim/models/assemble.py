@@ -2,9 +2,9 @@
 
 The device sends (beta, h) and its budget; the cloud keeps the blocks the structure selects,
 drops the least wanted ones (smallest beta[l,0] - beta[l,1]) until the sub-model fits the
-budget, runs each kept block's head once for all devices that keep it (one matrix product,
-the block's shared weights folded into the bias), and returns every device its blocks' flat
-weight vectors.
+budget, and runs each kept block's head once for all devices that keep it (one matrix
+product). What differs per device is what the heads generate (`Assembly.terms`); with the
+blocks' shared weights they make each device's blocks (`SubModel.flat`, the full vectors).
 
 A budget that admits no block still gets a model: the block-free one (item embeddings and the
 final LayerNorm), marked `fits=False` when even that exceeds the budget, so the caller can
@@ -72,11 +72,12 @@ def select_blocks(model: Recommender, gate: np.ndarray, margin: np.ndarray, max_
 @dataclass
 class Assembly:
     """A batch of sub-models, by block: keep [N,L]; for block k, rows[k] (the requests keeping
-    it) and flat[k] [len(rows[k]), P_k] their weight vectors; per request its cost."""
+    it) and terms[k] [len(rows[k]), T_k] what the mapper generated for them (no entry without a
+    mapper: the shared weights); per request its cost."""
 
     keep: np.ndarray
     rows: dict[int, np.ndarray]
-    flat: dict[int, torch.Tensor]
+    terms: dict[int, torch.Tensor]
     wanted: np.ndarray
     fits: np.ndarray
     flops: np.ndarray
@@ -96,22 +97,20 @@ def assemble_batch(model: Recommender, beta: Optional[torch.Tensor], gate: torch
     margin = (beta[..., 0] - beta[..., 1]) if beta is not None else gate
     max_f, max_p = np.asarray(max_flops, dtype=np.float64), np.asarray(max_params, dtype=np.float64)
     keep = select_blocks(model, gate.numpy(), margin.numpy(), max_f, max_p, catalogue)
-    rows, flat = {}, {}
+    rows, terms = {}, {}
     for k in range(bb.n_blocks):
         r = np.flatnonzero(keep[:, k])
         if not len(r):
             continue
         rows[k] = r
         if model.mapper is not None:
-            flat[k] = model.mapper.block_flat(bb.blocks[k], k, h[torch.from_numpy(r)])
-        else:
-            flat[k] = bb.blocks[k].flat_shared().expand(len(r), -1)
+            terms[k] = model.mapper.terms(k, h[torch.from_numpy(r)])
     f, p = cost.per_block(bb)
     flops = cost.inference_flops(bb, [], catalogue=catalogue) + keep @ f
     shipped = keep @ p
     params = cost.base_params(bb, catalogue) + shipped
     tensors = keep @ np.array([len(b.shapes) for b in bb.blocks])
-    return Assembly(keep=keep, rows=rows, flat=flat, wanted=(gate.numpy() >= 0.5).sum(1),
+    return Assembly(keep=keep, rows=rows, terms=terms, wanted=(gate.numpy() >= 0.5).sum(1),
                     fits=(flops <= max_f) & (params <= max_p), flops=flops, params=params,
                     shipped_params=shipped,
                     payload_bytes=cost.payload_bytes(shipped.astype(np.int64), tensors, precision))
@@ -125,8 +124,11 @@ def assemble(model: Recommender, beta: Optional[torch.Tensor], gate: torch.Tenso
                        np.array([b.max_params for b in budgets], dtype=np.float64), catalogue=catalogue)
     flat: list[list[torch.Tensor]] = [[] for _ in range(gate.shape[0])]
     for k, r in a.rows.items():
+        block = model.backbone.blocks[k]
+        full = model.mapper.flat_from_terms(block, k, a.terms[k]) if k in a.terms \
+            else block.flat_shared().expand(len(r), -1)
         for j, i in enumerate(r.tolist()):
-            flat[i].append(a.flat[k][j])
+            flat[i].append(full[j])
     return [SubModel(blocks=np.flatnonzero(a.keep[i]).tolist(), flat=flat[i], wanted=int(a.wanted[i]),
                      fits=bool(a.fits[i]), flops=int(a.flops[i]), params=int(a.params[i]),
                      shipped_params=int(a.shipped_params[i])) for i in range(gate.shape[0])]

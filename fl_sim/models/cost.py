@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Iterable, Optional
 
+import numpy as np
+
 from fl_sim.models.backbone import Backbone
 from fl_sim.models.blocks import NextItNetBlock, SASRecBlock
 
@@ -35,8 +37,6 @@ def inference_flops(backbone: Backbone, blocks: Iterable[int], T: Optional[int] 
 
 def per_block(backbone: Backbone):
     """(FLOPs per inference, parameters) of each block as float arrays, for vectorised sums."""
-    import numpy as np
-
     flops = np.array([block_flops(b, backbone.maxlen) for b in backbone.blocks], dtype=np.float64)
     params = np.array([b.n_params() for b in backbone.blocks], dtype=np.float64)
     return flops, params
@@ -74,3 +74,35 @@ def train_flops(backbone, length: int, steps: int) -> float:
     position of a sequence of `length`, the catalogue softmax included, `steps` times."""
     fwd = sum(block_flops(b, length) for b in backbone.blocks) + 2 * backbone.d * backbone.n_items * length
     return 3.0 * steps * fwd
+
+
+class Payload:
+    """Bytes of a sub-model's weights as shipped (fp32), per answer.
+
+    `full`: every kept block's whole weights, as the paper ships them. `delta`: what the mapper
+    generated for each kept block (its terms), plus a kept block's shared weights where the
+    device does not hold them yet. Without a mapper both ship the blocks' shared weights.
+    """
+
+    def __init__(self, model, mode: str = "full"):
+        if mode not in ("full", "delta"):
+            raise ValueError(f"payload mode must be full or delta, got {mode!r}")
+        blocks, mapper = model.backbone.blocks, model.mapper
+        self.mode = mode
+        self.whole = np.array([b.n_params() for b in blocks], np.int64)
+        self.whole_tensors = np.array([len(b.shapes) for b in blocks], np.int64)
+        self.terms = np.array([mapper.heads[k].out_features if mapper is not None else 0
+                               for k in range(len(blocks))], np.int64)
+        self.terms_tensors = np.array([len(mapper.names[k]) + 2 * len(mapper.factored[k]) if mapper is not None
+                                       else 0 for k in range(len(blocks))], np.int64)
+        self.generated = mapper is not None
+
+    def bytes(self, keep, holds):
+        """keep, holds: [m, L] bool (the answer's blocks; the blocks whose shared weights the
+        device holds). Returns [m] int64."""
+        whole = payload_bytes(keep @ self.whole, keep @ self.whole_tensors)
+        if self.mode == "full" or not self.generated:
+            return whole.astype(np.int64)
+        new = keep & ~holds
+        return (payload_bytes(keep @ self.terms, keep @ self.terms_tensors)
+                + payload_bytes(new @ self.whole, new @ self.whole_tensors)).astype(np.int64)

@@ -125,21 +125,29 @@ class Mapper(nn.Module):
     def head_params(self) -> int:
         return sum(p.numel() for p in self.heads.parameters())
 
+    def terms(self, k: int, h: torch.Tensor) -> torch.Tensor:
+        """What head k generates for interests h [B,hidden]: [B, head size]. With the block's
+        shared weights this is the whole of a device's block (`params_from_terms`)."""
+        return self.heads[k](h)
+
     @torch.no_grad()
     def block_flat(self, block: Block, k: int, h: torch.Tensor) -> torch.Tensor:
-        """Serving: block k's full flat weight vector for each row of h, [B, n_params], in one
-        matrix product (the shared weights ride in the bias where every weight is generated)."""
-        head = self.heads[k]
+        """Serving: block k's full flat weight vector for each row of h, [B, n_params]."""
+        return self.flat_from_terms(block, k, self.terms(k, h))
+
+    @torch.no_grad()
+    def flat_from_terms(self, block: Block, k: int, terms: torch.Tensor) -> torch.Tensor:
+        """Block k's full flat weight vectors from generated terms [B, head size] and the shared weights."""
         base = block.flat_shared()
         if len(self.names[k]) == len(block.shapes):
-            return torch.addmm(base + head.bias, h, head.weight.T)
+            return base + terms
         if self.factored[k]:
-            params = self.block_params(block, k, h)
-            dense = [t.dense() if isinstance(t, LowRank) else t.expand(h.shape[0], *t.shape[-len(s):])
+            params = self.params_from_terms(block, k, terms)
+            dense = [t.dense() if isinstance(t, LowRank) else t.expand(terms.shape[0], *t.shape[-len(s):])
                      for t, (_, s) in zip(params.values(), block.shapes)]
-            return torch.cat([t.reshape(h.shape[0], -1) for t in dense], 1)
-        out = base.repeat(h.shape[0], 1)
-        out[:, self._positions(block, k)] += head(h)
+            return torch.cat([t.reshape(terms.shape[0], -1) for t in dense], 1)
+        out = base.repeat(terms.shape[0], 1)
+        out[:, self._positions(block, k)] += terms
         return out
 
     def _positions(self, block: Block, k: int) -> torch.Tensor:
@@ -155,8 +163,12 @@ class Mapper(nn.Module):
     def block_params(self, block: Block, k: int, h: torch.Tensor) -> dict:
         """Weights of block k for interests h [B,hidden]: shared + generated delta, per sample
         ([B, ...]) where generated, LowRank where factored, the shared tensor otherwise."""
-        flat = self.heads[k](h)
-        B, r = h.shape[0], self.rank
+        return self.params_from_terms(block, k, self.terms(k, h))
+
+    def params_from_terms(self, block: Block, k: int, flat: torch.Tensor) -> dict:
+        """Weights of block k from its generated terms [B, head size] (see block_params): the
+        one path by which training, offline evaluation and the fleet's devices build weights."""
+        B, r = flat.shape[0], self.rank
         out, pos = {}, 0
         factored = dict(self.factored[k])
         for name, shape in block.shapes:
