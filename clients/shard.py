@@ -13,6 +13,7 @@ candidates, its resources (fl_sim.devices).
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -47,14 +48,21 @@ class Shard:
                                      for r, g in enumerate(dev)]) if len(dev) else np.zeros(0)
 
     # ---- checkpoints (fl_sim.resume) -------------------------------------------------------
-    def save(self, path: str) -> None:
-        torch.save({"st": self.st, "trigger": self.trigger, "booted": self.booted}, path)
+    def state_bytes(self) -> bytes:
+        """The shard's state (its devices and trigger), as a checkpoint file holds it."""
+        buf = io.BytesIO()
+        torch.save({"st": self.st, "trigger": self.trigger, "booted": self.booted}, buf)
+        return buf.getvalue()
 
-    def restore(self, path: str) -> None:
+    def restore(self, source) -> None:
+        """From a checkpoint file, or its bytes (checkpoints of shards on other nodes)."""
         from fl_sim.resume import load_state
 
-        state = load_state(path)
+        state = load_state(io.BytesIO(source) if isinstance(source, bytes) else source)
         self.st, self.trigger, self.booted = state["st"], state["trigger"], state["booted"]
+
+    def save(self, path: str) -> None:
+        Path(path).write_bytes(self.state_bytes())
 
     # ---- one exchange --------------------------------------------------------------------
     def exchange(self, kind: str, t0: float, t1: float, deliveries: Deliveries) -> tuple[Requests, dict, int]:

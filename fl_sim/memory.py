@@ -44,14 +44,14 @@ def tree_pss_mb(root: int | None = None) -> float:
 class PeakMemory:
     """Samples the process tree every `every_s` seconds while running (a daemon thread)."""
 
-    def __init__(self, every_s: float = 0.5):
-        self.every_s, self.peak_mb = every_s, 0.0
+    def __init__(self, every_s: float = 0.5, root: int | None = None):
+        self.every_s, self.peak_mb, self.root = every_s, 0.0, root
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            self.peak_mb = max(self.peak_mb, tree_pss_mb())
+            self.peak_mb = max(self.peak_mb, tree_pss_mb(self.root))
             self._stop.wait(self.every_s)
 
     def __enter__(self) -> "PeakMemory":

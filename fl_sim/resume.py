@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from fl_sim.errors import ConfigError
 
 # Keys that may differ between the run that saved a checkpoint and the run resuming it.
-MAY_CHANGE = ("resume", "sim.backend", "sim.ray", "sim.checkpoint_every", "output_dir")
+MAY_CHANGE = ("resume", "sim.backend", "sim.ray", "sim.storage", "sim.checkpoint_every", "output_dir")
 
 
 def folder(run_dir: Path) -> Path:
@@ -86,8 +86,10 @@ def _differences(a, b, prefix: str = "") -> list[str]:
     return [] if a == b else [prefix.rstrip(".")]
 
 
-def load_state(path: Path) -> dict:
+def load_state(source) -> dict:
+    """A checkpoint from its file or its bytes (a BytesIO)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)  # our own file, written by save()
+        return torch.load(source, map_location="cpu", weights_only=False)  # our own file, written by save()
     except Exception as exc:
-        raise ConfigError(f"{path}: not a readable checkpoint ({exc})") from None
+        name = source if isinstance(source, (str, Path)) else "a shard's checkpoint"
+        raise ConfigError(f"{name}: not a readable checkpoint ({exc})") from None

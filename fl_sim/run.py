@@ -47,7 +47,9 @@ def check_trigger(cfg: DictConfig) -> None:
         raise ConfigError(f"trigger._target_={cfg.trigger._target_} is not a clients.triggers.Trigger")
 
 
-def simulate(cfg: DictConfig) -> dict:
+def simulate(cfg: DictConfig, out: Path | None = None, grid=None) -> dict:
+    """The run `cfg` describes, into `out` (default: Hydra's output folder); with `grid` (under
+    `flwr run`), on Flower's own SuperNodes instead of `sim.backend`."""
     start = time.perf_counter()
     if cfg.sim.backend not in ("ray", "inprocess"):
         raise ConfigError(f"sim.backend must be ray or inprocess, got {cfg.sim.backend!r}")
@@ -66,33 +68,46 @@ def simulate(cfg: DictConfig) -> dict:
         raise ConfigError(f"sim.candidates must be full or a number of items >= 10, got {cand!r}")
     if cfg.sim.precision not in ("fp32", "fp16", "int8"):
         raise ConfigError(f"sim.precision must be fp32, fp16 or int8, got {cfg.sim.precision!r}")
-    out = output_dir()
+    if cfg.sim.payload not in ("full", "delta"):
+        raise ConfigError(f"sim.payload must be full or delta, got {cfg.sim.payload!r}")
+    out = out or output_dir()
     n_shards = max(1, min(int(cfg.sim.nodes or os.cpu_count() or 1), int(cfg.num_clients)))
+    make_backend = BACKENDS[cfg.sim.backend]
+    if grid is not None:
+        from fl_sim.backends import FlowerGrid
+
+        n_shards = len(list(grid.get_node_ids()))
+        if cfg.sim.nodes and int(cfg.sim.nodes) != n_shards:
+            raise ConfigError(f"sim.nodes={cfg.sim.nodes}, but the federation has {n_shards} SuperNodes")
+        if cfg.sim.checkpoint_every or cfg.resume:
+            raise ConfigError("sim.checkpoint_every and resume need `python -m fl_sim.run` (not `flwr run`)")
+        make_backend = lambda cfg, n: FlowerGrid(grid, n)  # noqa: E731
     backends: list = []  # at most one; a list so that it is closed whatever happens
     with PeakMemory() as memory:
         try:
-            return _simulate(cfg, out, n_shards, backends, start, memory)
+            return _simulate(cfg, out, n_shards, backends, start, memory, make_backend)
         finally:
             for backend in backends:
                 backend.close()
 
 
-def _pretrain(cfg: DictConfig, streams, backends: list, n_shards: int, run_dir: Path):
+def _pretrain(cfg: DictConfig, streams, backends: list, n_shards: int, run_dir: Path, make_backend):
     # Ray comes up while the cached model loads; when the model must be trained, only after
     # training, so that Ray's processes do not add to the training's peak memory.
     if pretrained_path(cfg, streams).exists():
-        backends.append(BACKENDS[cfg.sim.backend](cfg, n_shards))
+        backends.append(make_backend(cfg, n_shards))
     bar = tqdm(desc="pre-train", unit="epoch", mininterval=0.5)
     model, fp, cached = pretrained(cfg, streams, progress=lambda row: bar.update(1))
     bar.close()
     if not backends:
-        backends.append(BACKENDS[cfg.sim.backend](cfg, n_shards))
+        backends.append(make_backend(cfg, n_shards))
     shutil.rmtree(resume.folder(run_dir), ignore_errors=True)  # a fresh run: no earlier run's checkpoints
     runfiles.write(run_dir, cfg, streams, model, fp)
     return model, cached
 
 
-def _simulate(cfg: DictConfig, out: Path, n_shards: int, backends: list, start: float, memory: PeakMemory) -> dict:
+def _simulate(cfg: DictConfig, out: Path, n_shards: int, backends: list, start: float, memory: PeakMemory,
+              make_backend) -> dict:
     inter, _ = load_dataset(cfg.dataset, num_clients=cfg.num_clients, seed=cfg.seed, cache_dir=cfg.cache_dir)
     inter = select_devices(inter, cfg.num_clients, cfg.seed)
     streams = build_streams(inter, cfg.streams, cfg.seed)
@@ -101,10 +116,10 @@ def _simulate(cfg: DictConfig, out: Path, n_shards: int, backends: list, start: 
     if cfg.resume:  # the run's own files, written when it started, and its last checkpoint
         resume_from = resume.latest(run_dir)
         resume.check_config(runfiles.load_config(str(run_dir)), cfg)
-        backends.append(BACKENDS[cfg.sim.backend](cfg, n_shards))
+        backends.append(make_backend(cfg, n_shards))
         model, cached = runfiles.load_model(str(run_dir)), True
     else:
-        model, cached = _pretrain(cfg, streams, backends, n_shards, run_dir)
+        model, cached = _pretrain(cfg, streams, backends, n_shards, run_dir, make_backend)
     backend = backends[0]
     sched = schedule(stream_times(streams), float(cfg.sim.round_s))
     if cfg.sim.max_rounds:
@@ -149,11 +164,11 @@ def _simulate(cfg: DictConfig, out: Path, n_shards: int, backends: list, start: 
     backend.run(rec)
     bar.close()
     sim_wall = time.perf_counter() - sim_start
-    return write_results(cfg, out, rec, streams, cloud, n_shards, cached, start, sim_wall, memory)
+    return write_results(cfg, out, rec, streams, cloud, n_shards, cached, start, sim_wall, memory, backend)
 
 
 def write_results(cfg, out: Path, rec: Recorder, streams, cloud, n_shards, cached, start, sim_wall,
-                  memory: PeakMemory) -> dict:
+                  memory: PeakMemory, backend) -> dict:
     dev = rec.device_table()
     installs = rec.install_table()
     fleet = build_fleet(cfg.devices, streams.inter.n_users, cfg.seed)
@@ -228,8 +243,10 @@ def write_results(cfg, out: Path, rec: Recorder, streams, cloud, n_shards, cache
         "wall_s": time.perf_counter() - start, "sim_wall_s": sim_wall,
         "pretrain_cached": cached,
         "resumed": bool(cfg.resume),  # wall_s, sim_wall_s and peak_rss_mb then cover the resumed part only
-        "peak_rss_mb": memory.result_mb(),  # this process and all it started (Ray included), PSS
-        "backend": cfg.sim.backend, "nodes": n_shards,
+        # this process and all it started (Ray included), plus on a cluster each other node's Ray
+        # processes (the sum of their peaks), PSS
+        "peak_rss_mb": memory.result_mb() + backend.remote_peak_mb(),
+        "backend": backend.name, "nodes": n_shards, "placement": backend.placement_report(),
         "method": cfg.method.name, "trigger": cfg.trigger._target_, "dataset": cfg.dataset.name, "seed": cfg.seed,
     }
     (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
@@ -308,6 +325,26 @@ def _plot(rounds: pd.DataFrame, out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out / "rounds.png", dpi=110)
     plt.close(fig)
+
+
+def simulate_on_grid(grid, run_config: dict) -> dict:
+    """`flwr run`: the run config's `overrides` (as on the command line of `python -m
+    fl_sim.run`) and `output-dir` make the config; Flower's SuperNodes are the shards."""
+    import shlex
+
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    overrides = shlex.split(str(run_config.get("overrides", "")))
+    out = Path(str(run_config.get("output-dir", "outputs/flwr-run"))).expanduser().resolve()
+    try:
+        with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+            cfg = compose(config_name="config", overrides=[*overrides, f"output_dir={out}"])
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise ConfigError(f"run config overrides: {exc}") from None
+    out.mkdir(parents=True, exist_ok=True)
+    return simulate(cfg, out=out, grid=grid)
 
 
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base=None)

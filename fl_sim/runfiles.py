@@ -65,3 +65,21 @@ def load_model(folder: str) -> Recommender:
     ck = torch.load(Path(folder) / "model.pt", map_location="cpu", weights_only=True)
     model.load_state_dict(ck["state_dict"])
     return model.eval()
+
+
+FILES = ("config.yaml", "streams.npz", "model.pt")
+
+
+def pack(folder: str) -> dict[str, bytes]:
+    """The run's files as bytes, for nodes that do not share this machine's disk (sent through
+    Ray's object store)."""
+    return {name: (Path(folder) / name).read_bytes() for name in FILES}
+
+
+def unpack(files: dict[str, bytes], folder: str) -> str:
+    """Write packed run files into a node-local folder; returns it."""
+    path = Path(folder)
+    path.mkdir(parents=True, exist_ok=True)
+    for name in FILES:
+        (path / name).write_bytes(files[name])
+    return str(path)

@@ -29,9 +29,9 @@ class CloudStrategy(Strategy):
     (every 0.1 s) overlaps the work. Without `post` the window and deliveries travel inside the
     messages, one exchange at a time."""
 
-    def __init__(self, recorder: Recorder, post=None, connect_timeout_s: float = 300.0,
-                 timeout_s: float = 86_400.0):
-        self.rec, self.post = recorder, post
+    def __init__(self, recorder: Recorder, post=None, tag: str = "", run_dir: str = "",
+                 connect_timeout_s: float = 300.0, timeout_s: float = 86_400.0):
+        self.rec, self.post, self.tag, self.run_dir = recorder, post, tag, run_dir
         self.connect_timeout_s, self.timeout_s = connect_timeout_s, timeout_s
         self.tick, self.ahead = 0, None
 
@@ -48,7 +48,7 @@ class CloudStrategy(Strategy):
             self._pull(grid, self.ahead)
 
     def _push_tick(self, grid: Grid) -> list:
-        config = ConfigRecord({"n": self.tick})
+        config = ConfigRecord({"n": self.tick, "tag": self.tag})
         return list(grid.push_messages([Message(RecordDict({"tick": config}), dst_node_id=node, message_type="train",
                                                 group_id=str(self.tick)) for node in self._nodes(grid)]))
 
@@ -60,7 +60,9 @@ class CloudStrategy(Strategy):
             self.ahead = self._push_tick(grid)
             return self._replies(self._pull(grid, sent))
         kind, t0, t1, last = window
-        config = ConfigRecord({"kind": kind, "t0": t0, "t1": t1, "last": last, "round": r, "exchange": k})
+        config = ConfigRecord({"kind": kind, "t0": t0, "t1": t1, "last": last, "round": r, "exchange": k,
+                               "run": self.run_dir, "seq": self.tick})
+        self.tick += 1
         messages = []
         for node in self._nodes(grid):
             shard = self.rec.shard_of_node.get(node)
@@ -132,13 +134,28 @@ class CloudStrategy(Strategy):
         return None
 
 
-def make_server_app(recorder: Recorder, post=None) -> ServerApp:
-    app = ServerApp()
+def make_server_app(recorder: Recorder, post, tag: str, finish) -> ServerApp:
+    """The ServerApp of `python -m fl_sim.run` on Ray, bound to the run it drives; `finish()`
+    runs after the last exchange, while the backend's processes are still up."""
+    server = ServerApp()
 
-    @app.main()
+    @server.main()
     def main(grid: Grid, context) -> None:
         if hasattr(grid, "pull_interval"):  # the in-memory grid polls for replies; 0.1 s an exchange adds up
             grid.pull_interval = 0.002
-        CloudStrategy(recorder, post).start(grid)
+        CloudStrategy(recorder, post, tag=tag).start(grid)
+        finish()
 
-    return app
+    return server
+
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context) -> None:
+    """`flwr run`: the whole simulation from the run config (`overrides`: the command line of
+    `python -m fl_sim.run`; `output-dir`); the SuperNodes of Flower's federation are the shards."""
+    from fl_sim.run import simulate_on_grid
+
+    simulate_on_grid(grid, dict(context.run_config))

@@ -18,10 +18,10 @@ def make_cfg(*overrides: str):
         return compose(config_name="config", overrides=list(overrides))
 
 
-def run_module(module: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+def run_module(module: str, *args: str, env: dict | None = None, cwd=ROOT) -> subprocess.CompletedProcess:
     full_env = {**os.environ, **(env or {})}
     full_env.pop("HYDRA_FULL_ERROR", None)
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, capture_output=True, text=True,
                           env=full_env, timeout=600)
 
 
@@ -30,10 +30,15 @@ SMALL = ["num_clients=40", "model.n_blocks=2", "model.d=16", "model.maxlen=30", 
          "sim.pretrain.max_epochs=1", "sim.max_rounds=24", "dataset.days=6", "dataset.sessions_per_day=3"]
 
 
-def simulate(tmp_path, name, *extra, cache, env: dict | None = None):
+# Summary keys that describe how a run ran, not what it measured.
+RUN_SPECIFIC = {"wall_s", "sim_wall_s", "peak_rss_mb", "resumed", "pretrain_cached", "backend", "placement"}
+
+
+def simulate(tmp_path, name, *extra, cache, env: dict | None = None, cwd=ROOT):
     """`python -m fl_sim.run` on SMALL plus overrides; (summary, output folder)."""
     out = tmp_path / name
-    res = run_module("fl_sim.run", *SMALL, *extra, f"output_dir={out}", env={"FL_SIM_CACHE": str(cache), **(env or {})})
+    res = run_module("fl_sim.run", *SMALL, *extra, f"output_dir={out}", env={"FL_SIM_CACHE": str(cache), **(env or {})},
+                     cwd=cwd)
     assert res.returncode == 0, res.stderr[-3000:]
     return json.loads((out / "summary.json").read_text()), out
 

@@ -11,7 +11,7 @@ from fl_sim import faults as F
 from fl_sim.engine import Recorder, Reply, Schedule
 from fl_sim.errors import FlSimError
 from fl_sim.protocol import Deliveries, Requests
-from helpers import SMALL, accounted, run_module, simulate
+from helpers import RUN_SPECIFIC, SMALL, accounted, run_module, simulate
 
 
 class Fleet:
@@ -184,7 +184,7 @@ def test_faulty_runs_repeat_exactly(tmp_path, cache):
         assert a[key] == b[key], key
 
 
-VOLATILE = {"wall_s", "sim_wall_s", "peak_rss_mb", "pretrain_cached", "backend", "faults"}
+VOLATILE = RUN_SPECIFIC | {"faults"}
 
 
 def test_a_shard_rebuilt_from_its_checkpoint_replays_exactly(tmp_path, cache):

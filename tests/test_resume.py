@@ -10,13 +10,13 @@ import time
 
 import pytest
 
-from helpers import ROOT, SMALL, run_module, simulate
+from helpers import ROOT, RUN_SPECIFIC, SMALL, run_module, simulate
 
 # 12 simulated days with every kind of fault.
 LONG = ["sim.max_rounds=null", "dataset.days=12", "sim.backend=inprocess", "sim.nodes=2", "faults=flaky",
         "sim.checkpoint_every=10"]
 MANY_ROUNDS = ["sim.round_s=600", "sim.checkpoint_every=20"]  # ~450 short rounds: time to kill the run part-way
-VOLATILE = {"wall_s", "sim_wall_s", "peak_rss_mb", "resumed", "pretrain_cached", "backend"}
+VOLATILE = RUN_SPECIFIC
 
 
 def same_metrics(a: dict, b: dict) -> None:

@@ -43,6 +43,36 @@ def test_device_rec_ships_its_model_once_and_candidates_with_every_answer(tmp_pa
     assert (devices["block_0"] == devices["scored"]).all()  # every block, at every event
 
 
+def test_delta_payloads_change_bytes_not_models(tmp_path, cache):
+    """`sim.payload=delta` ships the generated terms (and a block's shared weights once): the
+    devices hold the same models, so every accuracy number is the same; the bytes follow the
+    block's sizes by hand. DUET (both blocks, affine terms), SMALL's d=16: a block's whole
+    weights are 6,784 bytes at fp32, its terms 640."""
+    duet = ("method=duet", "sim.backend=inprocess")
+    full, out_full = simulate(tmp_path, "full", *duet, "sim.nodes=2", cache=cache)
+    delta, out = simulate(tmp_path, "delta", *duet, "sim.nodes=3", "sim.payload=delta", cache=cache)
+    for key in ("events_total", "events_evaluated", "requests", "requests_answered", "bytes_up",
+                "bytes_down_candidates"):
+        assert delta[key] == full[key], key
+    for key in ("ndcg10", "hit10", "mean_flops_per_inference"):
+        assert delta[key] == pytest.approx(full[key], rel=1e-12), key
+    for tier, row in full["by_tier"].items():
+        assert delta["by_tier"][tier]["ndcg10"] == pytest.approx(row["ndcg10"], rel=1e-12), tier
+    a = pd.read_parquet(out_full / "devices.parquet").set_index("device")
+    b = pd.read_parquet(out / "devices.parquet").set_index("device")
+    whole, terms = 6784, 640
+    both = a["kept_blocks_sum"] == 2 * a["answers"]  # every answer kept both blocks
+    assert both.sum() >= 20
+    # after deployment: every answer ships both blocks whole, or both blocks' terms
+    assert (a.loc[both, "bytes_model"] % (2 * whole) == 0).all() and (a.loc[both, "bytes_model"] > 0).any()
+    assert (b.loc[both, "bytes_model"] * whole == a.loc[both, "bytes_model"] * terms).all()
+    # the first model: both blocks' shared weights, and their terms on top
+    assert (b.loc[both, "bytes_first"] - a.loc[both, "bytes_first"] == 2 * terms).all()
+    assert delta["bytes_down_model"] < full["bytes_down_model"] / 5
+    # smaller answers install sooner (here never after the device's next event, so the scores match)
+    assert delta["request_to_install_s"]["all"]["median"] < full["request_to_install_s"]["all"]["median"]
+
+
 def test_ray_backend_matches_inprocess(tmp_path, cache):
     """Flower on Ray, with the shard count changed too: the same seed, the same results."""
     local, _ = simulate(tmp_path, "local", "sim.backend=inprocess", "sim.nodes=2", cache=cache)

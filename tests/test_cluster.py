@@ -1,0 +1,47 @@
+"""The Ray backend on a real two-node cluster (both nodes on this machine, on loopback): the
+shards land on both nodes, the project's code ships with the job, the run files and
+checkpoints travel through Ray's object store, and the run equals the in-process one."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from helpers import ROOT, RUN_SPECIFIC, accounted, simulate
+
+LOOPBACK = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}  # the driver's node address: 127.0.0.1 too
+
+
+@pytest.fixture
+def two_nodes():
+    proc = subprocess.Popen([sys.executable, str(ROOT / "tests/ray_cluster.py")], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            env={**os.environ, **LOOPBACK})
+    try:
+        address = proc.stdout.readline().strip()
+        assert address.startswith("127.0.0.1:"), address
+        yield address
+    finally:
+        proc.stdin.close()  # both nodes stop
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def test_two_node_cluster_matches_inprocess(tmp_path, cache, two_nodes):
+    # Lost nodes rebuilt from checkpoints: checkpoints leave the nodes and come back as bytes.
+    faults = ("sim.nodes=2", "faults.node_vanish=0.08", "sim.checkpoint_every=5")
+    local, _ = simulate(tmp_path, "local", "sim.backend=inprocess", *faults, cache=cache)
+    # From a folder without the project's code, as on another machine: the workers import what
+    # ships with the job.
+    cluster, _ = simulate(tmp_path, "cluster", "sim.backend=ray", f"sim.ray.address={two_nodes}", *faults,
+                          cache=cache, env=LOOPBACK, cwd=tmp_path)
+    where = cluster["placement"]
+    assert where["nodes_used"] == 2 and where["shards_per_node"] == [1, 1], where
+    assert where["code_shipped"] and where["storage"] == "object store", where
+    assert local["faults"]["nodes_lost"] > 0 and cluster["faults"] == local["faults"] and accounted(cluster)
+    for key in local.keys() - RUN_SPECIFIC:
+        assert cluster[key] == local[key], key
+    assert cluster["peak_rss_mb"] > local["peak_rss_mb"]  # the nodes' Ray processes are counted
