@@ -45,3 +45,12 @@ def test_two_node_cluster_matches_inprocess(tmp_path, cache, two_nodes):
     for key in local.keys() - RUN_SPECIFIC:
         assert cluster[key] == local[key], key
     assert cluster["peak_rss_mb"] > local["peak_rss_mb"]  # the nodes' Ray processes are counted
+
+
+def test_shards_go_to_nodes_in_proportion_to_their_cpus():
+    from fl_sim.backends import place
+
+    assert place({"a": 4, "b": 2}, 3) == ["a", "a", "b"]
+    assert sorted(place({"a": 8, "b": 8, "c": 16}, 8)) == ["a", "a", "b", "b", "c", "c", "c", "c"]
+    assert place({"a": 1}, 3) == ["a", "a", "a"]
+    assert place({"a": 0, "b": 2}, 2) == ["b", "b"]  # a node without CPUs gets none while others have room
