@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import SHARED
+from helpers import SHARED, simulate
 
 
 def _shared(part: str) -> Path:
@@ -35,3 +35,11 @@ def cache_dir(tmp_path) -> Path:
 def cache(tmp_path_factory) -> Path:
     """One cache for the fleet runs of a session (the pre-trained model is reused)."""
     return tmp_path_factory.mktemp("sim_cache")
+
+
+@pytest.fixture(scope="session")
+def baseline(tmp_path_factory, cache):
+    """(summary, output folder) of the SMALL fleet in-process on two shards: the run that the
+    contract test reads and other backends are compared with (run once a session)."""
+    return simulate(tmp_path_factory.mktemp("baseline"), "baseline", "sim.backend=inprocess", "sim.nodes=2",
+                    cache=cache)

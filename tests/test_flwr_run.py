@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from helpers import ROOT, RUN_SPECIFIC, SMALL, simulate
+from helpers import ROOT, RUN_SPECIFIC, SMALL
 
 
 def free_port() -> int:
@@ -51,8 +51,8 @@ def superlink(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
 
 
-def test_flwr_run_gives_the_same_summary(tmp_path, cache, superlink):
-    local, _ = simulate(tmp_path, "local", "sim.backend=inprocess", "sim.nodes=2", cache=cache)
+def test_flwr_run_gives_the_same_summary(tmp_path, cache, superlink, baseline):
+    local, _ = baseline
     out = tmp_path / "flwr"
     overrides = " ".join(SMALL)
     res = subprocess.run([shutil.which("flwr"), "run", str(ROOT), "--stream", "--federation-config",

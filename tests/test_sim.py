@@ -6,8 +6,8 @@ import pytest
 from helpers import SMALL, accounted, run_module, simulate
 
 
-def test_summary_contract_and_accounting(tmp_path, cache):
-    summary, out = simulate(tmp_path, "a", "sim.backend=inprocess", "sim.nodes=2", cache=cache)
+def test_summary_contract_and_accounting(baseline):
+    summary, out = baseline
     for key in ("num_devices", "rounds", "ndcg10", "hit10", "events_total", "events_evaluated", "requests",
                 "bytes_up", "bytes_down", "mean_flops_per_inference", "mean_params_on_device",
                 "budget_violations", "sim_time_s", "wall_s", "peak_rss_mb", "backend", "nodes"):
@@ -73,9 +73,9 @@ def test_delta_payloads_change_bytes_not_models(tmp_path, cache):
     assert delta["request_to_install_s"]["all"]["median"] < full["request_to_install_s"]["all"]["median"]
 
 
-def test_ray_backend_matches_inprocess(tmp_path, cache):
+def test_ray_backend_matches_inprocess(tmp_path, cache, baseline):
     """Flower on Ray, with the shard count changed too: the same seed, the same results."""
-    local, _ = simulate(tmp_path, "local", "sim.backend=inprocess", "sim.nodes=2", cache=cache)
+    local, _ = baseline
     ray, out = simulate(tmp_path, "ray", "sim.backend=ray", "sim.nodes=3", cache=cache)
     assert ray["backend"] == "ray" and ray["nodes"] == 3 and ray["failed_shards"] == 0
     assert ray["events_no_model"] == 0  # every device got its first model
