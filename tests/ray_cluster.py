@@ -17,7 +17,7 @@ cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "node_ip_
 try:
     cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
     cluster.wait_for_nodes()
-    print(cluster.address, flush=True)
+    print(cluster.address, flush=True)  # the test reads the first line that starts with 127.0.0.1:
     sys.stdin.read()
 finally:
     cluster.shutdown()

@@ -19,8 +19,11 @@ def two_nodes():
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                             env={**os.environ, **LOOPBACK})
     try:
-        address = proc.stdout.readline().strip()
-        assert address.startswith("127.0.0.1:"), address
+        address = ""
+        while not address.startswith("127.0.0.1:"):  # Ray may log a line to stdout first
+            line = proc.stdout.readline()
+            assert line, f"the cluster did not start (exit code {proc.poll()})"
+            address = line.strip()
         yield address
     finally:
         proc.stdin.close()  # both nodes stop
