@@ -71,9 +71,10 @@ def _in_folder(window, shard: int, n_shards: int, deliveries: Deliveries) -> Rep
     shard's previous exchange loads the shard's state from the run's folder, and every
     exchange saves it there."""
     from clients.shard import Shard
+    from fl_sim.resume import shard_file
 
     run_dir, seq = str(window["run"]), int(window["seq"])
-    state = Path(run_dir) / "state" / f"shard_{shard}.pt"
+    state = shard_file(Path(run_dir) / "state", shard)
     held = _held.pop((run_dir, shard), None)
     if held is not None and held[1] == seq - 1:
         s = held[0]
@@ -135,11 +136,10 @@ class ShardActor:
         torch.set_num_threads(threads)
         # Arrays from Ray's object store are read-only; the shard never writes to them.
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        self.index, self.n_shards, self.threads = shard, n_shards, threads
+        self.index, self.n_shards = shard, n_shards
         self.mailbox: dict[tuple, Deliveries] = {}
         self.posted = threading.Condition()
         self.shard = None
-        self.run_dir: str | None = None
         self.local: str | None = None  # a node-local copy of the run files, removed by close()
 
     def _run_dir(self, run) -> str:
@@ -163,7 +163,7 @@ class ShardActor:
         import clients
 
         return {"node": ray.get_runtime_context().get_node_id(), "threads": torch.get_num_threads(),
-                "code": os.path.dirname(os.path.dirname(os.path.abspath(clients.__file__))), "pid": os.getpid()}
+                "code": os.path.dirname(os.path.dirname(os.path.abspath(clients.__file__)))}
 
     def load(self, run) -> None:
         from clients.shard import Shard

@@ -26,6 +26,7 @@ from fl_sim.cli import CONF_DIR
 from fl_sim.engine import Recorder, drive
 from fl_sim.errors import FlSimError
 from fl_sim.faults import Faults, ShardFault
+from fl_sim.resume import shard_file
 
 
 class InProcess:
@@ -44,16 +45,16 @@ class InProcess:
     def rebuild(self, s: int, checkpoint_dir: str | None, entries: list) -> None:
         from clients.app import rebuild_shard
 
-        checkpoint = f"{checkpoint_dir}/shard_{s}.pt" if checkpoint_dir is not None else None
+        checkpoint = str(shard_file(checkpoint_dir, s)) if checkpoint_dir is not None else None
         self.shards[s] = rebuild_shard(self.run_dir, s, self.n_shards, checkpoint, entries)
 
     def save_shards(self, folder: str) -> None:
         for s, shard in enumerate(self.shards):
-            shard.save(f"{folder}/shard_{s}.pt")
+            shard.save(str(shard_file(folder, s)))
 
     def restore_shards(self, folder: str) -> None:
         for s, shard in enumerate(self.shards):
-            shard.restore(f"{folder}/shard_{s}.pt")
+            shard.restore(str(shard_file(folder, s)))
 
     def run(self, rec: Recorder) -> None:
         rec.rebuild = self.rebuild
@@ -158,19 +159,19 @@ class RayFlower:
         for real cannot be: the run stops, and resume=true continues it from its checkpoint."""
         import ray
 
-        state = Path(f"{checkpoint_dir}/shard_{s}.pt").read_bytes() if checkpoint_dir is not None else None
+        state = shard_file(checkpoint_dir, s).read_bytes() if checkpoint_dir is not None else None
         ray.get(self.actors[s].rebuild.remote(self.files, state, entries))
 
     def save_shards(self, folder: str) -> None:
         import ray
 
         for s, state in enumerate(ray.get([a.save.remote() for a in self.actors])):
-            Path(f"{folder}/shard_{s}.pt").write_bytes(state)
+            shard_file(folder, s).write_bytes(state)
 
     def restore_shards(self, folder: str) -> None:
         import ray
 
-        ray.get([a.restore.remote(Path(f"{folder}/shard_{s}.pt").read_bytes()) for s, a in enumerate(self.actors)])
+        ray.get([a.restore.remote(shard_file(folder, s).read_bytes()) for s, a in enumerate(self.actors)])
 
     def _finish(self) -> None:
         """At the run's end, while Ray is still up (Flower shuts it down when its simulation ends)."""
@@ -183,9 +184,9 @@ class RayFlower:
     def placement_report(self) -> dict:
         """Where the shards ran: nodes used, shards per node, threads, and where their code came from."""
         where = self.where
-        nodes = sorted({w["node"] for w in where})
         if not where:  # the run did not get to its end
             return {"address": self.address}
+        nodes = sorted({w["node"] for w in where})
         return {"address": self.address, "nodes_used": len(nodes),
                 "shards_per_node": [sum(w["node"] == n for w in where) for n in nodes],
                 "threads": [w["threads"] for w in where],
@@ -310,8 +311,6 @@ class FlowerGrid:
     def run(self, rec: Recorder) -> None:
         from strategies.app import CloudStrategy
 
-        if hasattr(self.grid, "pull_interval"):  # a grid polling for replies: 0.1 s an exchange adds up
-            self.grid.pull_interval = 0.002
         CloudStrategy(rec, run_dir=self.run_dir).start(self.grid)
 
     def rebuild(self, s: int, checkpoint_dir: str | None, entries: list) -> None:

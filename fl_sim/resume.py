@@ -24,6 +24,11 @@ from fl_sim.errors import ConfigError
 MAY_CHANGE = ("resume", "sim.backend", "sim.ray", "sim.storage", "sim.checkpoint_every", "output_dir")
 
 
+def shard_file(folder, shard: int) -> Path:
+    """A shard's state in a checkpoint folder."""
+    return Path(folder) / f"shard_{shard}.pt"
+
+
 def folder(run_dir: Path) -> Path:
     return Path(run_dir) / "checkpoints"
 

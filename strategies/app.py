@@ -40,6 +40,8 @@ class CloudStrategy(Strategy):
 
     def start(self, grid: Grid, timeout: float = 86_400) -> None:
         self.timeout_s = timeout
+        if hasattr(grid, "pull_interval"):  # a grid polling for replies: 0.1 s an exchange adds up
+            grid.pull_interval = 0.002
         if self.post is not None:
             self.ahead = self._push_tick(grid)
         drive(self.rec, lambda r, k, window, inboxes: self.exchange(grid, r, k, window, inboxes))
@@ -141,8 +143,6 @@ def make_server_app(recorder: Recorder, post, tag: str, finish) -> ServerApp:
 
     @server.main()
     def main(grid: Grid, context) -> None:
-        if hasattr(grid, "pull_interval"):  # the in-memory grid polls for replies; 0.1 s an exchange adds up
-            grid.pull_interval = 0.002
         CloudStrategy(recorder, post, tag=tag).start(grid)
         finish()
 

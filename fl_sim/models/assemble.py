@@ -83,13 +83,11 @@ class Assembly:
     flops: np.ndarray
     params: np.ndarray
     shipped_params: np.ndarray
-    payload_bytes: np.ndarray
 
 
 @torch.no_grad()
 def assemble_batch(model: Recommender, beta: Optional[torch.Tensor], gate: torch.Tensor, h: Optional[torch.Tensor],
-                   max_flops: np.ndarray, max_params: np.ndarray, precision: str = "fp32",
-                   catalogue: Optional[int] = None) -> Assembly:
+                   max_flops: np.ndarray, max_params: np.ndarray, catalogue: Optional[int] = None) -> Assembly:
     """N requests at once: beta [N,L,2] (None for fixed structures), gate [N,L], h [N,H]; one
     matrix product per block for every request keeping it. `catalogue`: the items the device
     ranks (None: the whole catalogue), which count in its FLOPs and parameters."""
@@ -109,11 +107,9 @@ def assemble_batch(model: Recommender, beta: Optional[torch.Tensor], gate: torch
     flops = cost.inference_flops(bb, [], catalogue=catalogue) + keep @ f
     shipped = keep @ p
     params = cost.base_params(bb, catalogue) + shipped
-    tensors = keep @ np.array([len(b.shapes) for b in bb.blocks])
     return Assembly(keep=keep, rows=rows, terms=terms, wanted=(gate.numpy() >= 0.5).sum(1),
                     fits=(flops <= max_f) & (params <= max_p), flops=flops, params=params,
-                    shipped_params=shipped,
-                    payload_bytes=cost.payload_bytes(shipped.astype(np.int64), tensors, precision))
+                    shipped_params=shipped)
 
 
 @torch.no_grad()
