@@ -3,6 +3,7 @@ process start to exit, with the peak memory of the whole process tree (Ray inclu
 each run's summary.json.
 
     python benchmarks/bench_fleet.py [--runs 3] [--cold-runs 2] [--cases cold,warm,scaling] [--cache DIR]
+    python benchmarks/bench_fleet.py --cases scale [--sizes 1000,5000,20000,100000] [--runs 3] [--cache DIR]
 
 Cases (5,000 devices and the default config unless named):
   cold       empty cache: data generation and the cloud's pre-training included
@@ -10,6 +11,11 @@ Cases (5,000 devices and the default config unless named):
   scaling    pre-training cached, 1,000 and 20,000 devices on Ray (5,000: from `warm`)
   faults     pre-training cached, in-process: checkpoints every 10 rounds; faults=flaky; and
              faults=flaky with lost nodes and part-way failures rebuilt from checkpoints
+  scale      pre-training cached, the default command (Ray) at each of --sizes (--runs runs each,
+             one at 100,000), where its time goes (summary's time_s), one run at the largest
+             size with a checkpoint every 10 rounds (seconds per checkpoint), and the compute
+             floor (benchmarks/floor.py) at 5,000 and the largest size: the simulation's
+             wall time over the floor's
 Writes benchmarks/results/fleet.json: every run and the median per case. --cache DIR reuses the
 pre-trained models cached there (default: a fresh directory; pre-training is never timed in the
 cached cases).
@@ -31,7 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 KEYS = ("wall_s", "sim_wall_s", "peak_rss_mb", "ndcg10", "hit10", "requests", "events_total", "events_evaluated",
         "budget_violations", "failed_shards", "pretrain_cached", "backend", "nodes", "num_devices", "rounds",
-        "faults")
+        "faults", "time_s", "checkpoint_s")
 
 
 def run(args: list[str], cache: str) -> dict:
@@ -52,12 +58,42 @@ def median(rows: list[dict], key: str) -> float:
     return round(statistics.median(r[key] for r in rows), 3)
 
 
+def scale(result: dict, runs: dict, cache: str, sizes: list[int], n_runs: int) -> None:
+    """Rows per fleet size: wall, peak memory, ms per device, where the time went; a checkpoint
+    run at the largest size; the compute floor and the simulation's ratio to it."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from floor import measure
+
+    os.environ["FL_SIM_CACHE"] = cache  # the floor reads the same cached pre-training
+    rows = result.setdefault("scale", {})
+    for n in sizes:
+        run([f"num_clients={n}", "sim.backend=inprocess", "sim.max_rounds=1"], cache)  # pre-train once
+        key = f"scale_ray_{n}"
+        runs[key] = [run([f"num_clients={n}"], cache) for _ in range(1 if n >= 100_000 else n_runs)]
+        mid = sorted(runs[key], key=lambda r: r["sim_wall_s"])[len(runs[key]) // 2]
+        rows[str(n)] = {"runs": len(runs[key]), "process_wall_s": median(runs[key], "process_wall_s"),
+                        "sim_wall_s": median(runs[key], "sim_wall_s"), "peak_rss_mb": median(runs[key], "peak_rss_mb"),
+                        "ms_per_device_simulation": round(1000 * median(runs[key], "sim_wall_s") / n, 3),
+                        "time_s_of_median_run": mid["time_s"], "events": mid["events_total"],
+                        "requests": mid["requests"], "ndcg10": mid["ndcg10"]}
+    big = max(sizes)
+    ck = run([f"num_clients={big}", "sim.checkpoint_every=10"], cache)
+    runs[f"scale_ray_{big}_checkpoints"] = [ck]
+    rows[str(big)]["checkpoint_s"] = ck["checkpoint_s"]
+    for n in sorted({5000, big} & set(sizes)):
+        fl = measure([f"num_clients={n}"], check=n <= 5000)
+        print(json.dumps(fl), flush=True)
+        rows[str(n)]["floor"] = fl
+        rows[str(n)]["simulation_over_floor"] = round(rows[str(n)]["sim_wall_s"] / fl["floor_s"], 2)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--cold-runs", type=int, default=2)
     parser.add_argument("--cases", default="cold,warm,scaling")
     parser.add_argument("--cache", help="cache directory to reuse (default: a fresh one)")
+    parser.add_argument("--sizes", default="1000,5000,20000,100000", help="scale: fleet sizes")
     opts = parser.parse_args()
     cases = opts.cases.split(",")
     path = ROOT / "benchmarks/results/fleet.json"
@@ -86,6 +122,8 @@ def main() -> None:
         for name, extra in [("checkpoints", ["sim.checkpoint_every=10"]), ("flaky", ["faults=flaky"]),
                             ("flaky_rebuilt", [*flaky, "sim.checkpoint_every=10"])]:
             runs[f"warm_inprocess_5000_{name}"] = [run([*base, *extra], warm_cache) for _ in range(opts.runs)]
+    if "scale" in cases:
+        scale(result, runs, warm_cache, [int(n) for n in opts.sizes.split(",")], opts.runs)
     result["median"] = {case: {k: median(rows, k) for k in ("process_wall_s", "wall_s", "sim_wall_s", "peak_rss_mb")}
                         for case, rows in runs.items()}
     path.write_text(json.dumps(result, indent=2) + "\n")

@@ -73,7 +73,12 @@ def _encode(fx: Fixed, recent: list, g: np.ndarray, ends: np.ndarray):
         gate = torch.cat([p[1] for p in parts])
         h = torch.cat([p[2] for p in parts]) if parts[0][2] is not None else None
         return beta, gate, h
-    return model.encode(left_pad(recent, W), torch.Generator().manual_seed(int(fx.cfg.seed)))
+    # In chunks: every device asks at deployment, and one pass over all of a shard's devices
+    # would hold their controller's and extractor's activations at once.
+    chunk = 4096
+    parts = [model.encode(left_pad(recent[c:c + chunk], W)) for c in range(0, max(len(recent), 1), chunk)]
+    beta, gate, h = (None if parts[0][i] is None else torch.cat([p[i] for p in parts]) for i in range(3))
+    return beta, gate, h
 
 
 def _encode_flops(fx: Fixed) -> float:

@@ -14,6 +14,7 @@ candidates, its resources (fl_sim.devices).
 from __future__ import annotations
 
 import io
+import time
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,22 @@ from clients.replay import replay
 from clients.scoring import score
 from clients.state import Devices, load_fixed
 from fl_sim.protocol import Deliveries, Requests
+
+
+STEPS = ("receive", "score", "replay", "request")  # where a shard's exchange spends its time
+
+
+class Clock:
+    """Wall seconds of an exchange's steps (`time_<step>`), summed per step."""
+
+    def __init__(self):
+        self.laps = {f"time_{k}": 0.0 for k in STEPS}
+        self._t = time.perf_counter()
+
+    def lap(self, step: str) -> None:
+        now = time.perf_counter()
+        self.laps[f"time_{step}"] += now - self._t
+        self._t = now
 
 
 class Shard:
@@ -69,29 +86,37 @@ class Shard:
         """(requests, this exchange's metrics, devices now waiting for an answer)."""
         fx, st = self.fx, self.st
         before = {k: float(st.acc[k].sum()) for k in ("events", "scored", "ndcg", "hit")}
+        clock = Clock()
         inbox.receive(fx, st, deliveries)
+        clock.lap("receive")
         if not self.booted:  # the first model of every device (a shard that failed round 0: now)
             self.booted = True
             rows = np.arange(len(fx.devices))
             req = outbox.build(fx, st, rows, fx.s.split[fx.devices], np.full(len(rows), t0),
                                outbox.first_user_vectors(fx, rows), first=True)
-            return req, {}, int(st.parked.sum())
+            clock.lap("request")
+            return req, clock.laps, int(st.parked.sum())
         req = self.empty
         if kind == "window":
             st.hi = np.maximum(st.pos, self._events_before(t1))
             active = np.flatnonzero(~st.parked & (st.pos < st.hi))
             if len(active):
                 lo = st.pos.copy()
+                clock.lap("replay")
                 sc = score(fx, st, active, lo, st.hi)
+                clock.lap("score")
                 rows, events = replay(fx, st, self.trigger, active, lo, st.hi, sc)
+                clock.lap("replay")
                 if len(rows):
                     at = np.searchsorted(active, rows)
                     user = sc.user[sc.offset[at] + events - lo[rows]]
                     req = outbox.build(fx, st, rows, events + 1, fx.s.ts[events], user)
+                    clock.lap("request")
         after = {k: float(st.acc[k].sum()) for k in before}
         metrics = {"events": after["events"] - before["events"], "scored": after["scored"] - before["scored"],
                    "ndcg_sum": after["ndcg"] - before["ndcg"], "hit_sum": after["hit"] - before["hit"]}
-        return req, metrics, int(st.parked.sum())
+        clock.lap("replay")
+        return req, {**metrics, **clock.laps}, int(st.parked.sum())
 
     def _events_before(self, t: float) -> np.ndarray:
         """Per device, one past its last event before t (global index)."""

@@ -28,6 +28,17 @@ ACCOUNTS = ("events", "scored", "no_context", "no_model", "ndcg", "hit", "flops"
             "installs", "waiting", *COUNTS)
 
 
+class ModelIds:
+    """Model ids of stream events (dataset id + 1), read from the shared streams on demand
+    rather than held as a copy of every event."""
+
+    def __init__(self, item: np.ndarray):
+        self.item = item
+
+    def __getitem__(self, index) -> np.ndarray:
+        return np.asarray(self.item[index], dtype=np.int64) + 1
+
+
 @dataclass
 class Fixed:
     """A shard's fixed knowledge: its devices, their streams and phones, the model's code."""
@@ -37,7 +48,7 @@ class Fixed:
     model: Recommender
     devices: np.ndarray  # global ids of this shard's devices (rows of every state array)
     fleet: Fleet
-    ids: np.ndarray  # model ids of every stream event (dataset id + 1)
+    ids: ModelIds  # model ids of stream events (dataset id + 1)
     emb: np.ndarray  # [n_items + 1, d] item embeddings by model id (the device's own items, and candidates)
     n_cand: int  # candidates per answer (0: the whole catalogue)
     block_flops: np.ndarray
@@ -70,7 +81,7 @@ def load_fixed(run_dir: str, shard: int, n_shards: int) -> Fixed:
     order = np.argsort(key)
     local_training = cfg.method.name == "finetune"
     return Fixed(cfg=cfg, s=s, model=model, devices=devices, fleet=build_fleet(cfg.devices, s.n_devices, cfg.seed),
-                 ids=s.item.astype(np.int64) + 1, emb=bb.item_emb.weight.detach().numpy(), n_cand=n_cand,
+                 ids=ModelIds(s.item), emb=bb.item_emb.weight.detach().numpy(), n_cand=n_cand,
                  block_flops=block_flops, block_params=block_params,
                  base_flops=float(cost.inference_flops(bb, [], catalogue=n_cand or None)),
                  base_params=float(cost.base_params(bb, n_cand or None)),
@@ -89,6 +100,38 @@ class Model:
     blocks: np.ndarray
     weights: dict | None
     candidates: np.ndarray
+
+
+def pack_models(models: list) -> dict:
+    """Models (or None) as a few arrays, for checkpoints: pickling one small object per device
+    is what made a checkpoint of many devices slow."""
+    have = np.array([m is not None for m in models], bool)
+    ms = [m for m in models if m is not None]
+    out = {"n": len(models), "have": have, "blocks": np.array([m.blocks for m in ms], bool),
+           "shared": np.array([m.weights is None for m in ms], bool),
+           "cand_len": np.array([len(m.candidates) for m in ms], np.int64),
+           "candidates": np.concatenate([m.candidates for m in ms]) if ms else np.zeros(0, np.int64), "terms": {}}
+    for k in sorted({k for m in ms if m.weights is not None for k in m.weights}):
+        rows = [i for i, m in enumerate(ms) if m.weights is not None and k in m.weights]
+        out["terms"][k] = (np.array(rows, np.int64), np.stack([ms[i].weights[k] for i in rows]))
+    return out
+
+
+def unpack_models(packed: dict) -> list:
+    """The inverse of pack_models (each model with arrays of its own)."""
+    n_models = len(packed["shared"])
+    weights = [None if shared else {} for shared in packed["shared"]]
+    for k, (rows, stacked) in packed["terms"].items():
+        for r, w in zip(rows.tolist(), stacked):
+            weights[r][k] = w.copy()
+    ends = np.cumsum(packed["cand_len"])
+    ms = [Model(blocks=packed["blocks"][i].copy(), weights=weights[i],
+                candidates=packed["candidates"][ends[i] - packed["cand_len"][i]:ends[i]].copy())
+          for i in range(n_models)]
+    out: list = [None] * packed["n"]
+    for slot, m in zip(np.flatnonzero(packed["have"]).tolist(), ms):
+        out[slot] = m
+    return out
 
 
 @dataclass
@@ -119,6 +162,19 @@ class Devices:
     holds: np.ndarray  # [n, L] bool: the block's shared weights have been delivered
     acc: dict = field(default_factory=dict)  # per-device totals, keys ACCOUNTS
     installs: list = field(default_factory=list)  # (device, request time, install time) arrays per receipt
+
+    def __getstate__(self) -> dict:  # checkpoints: models as arrays (pack_models)
+        state = dict(self.__dict__)
+        state["held"] = pack_models(self.held)
+        state["pending"] = (pack_models([p[0] if p is not None else None for p in self.pending]),
+                            np.array([p[1] if p is not None else np.nan for p in self.pending]))
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        models, at = state["pending"]
+        state["held"] = unpack_models(state["held"])
+        state["pending"] = [(m, float(t)) if m is not None else None for m, t in zip(unpack_models(models), at)]
+        self.__dict__.update(state)
 
     @classmethod
     def new(cls, fx: Fixed) -> "Devices":

@@ -15,6 +15,11 @@ import numpy as np
 
 from fl_sim.errors import FlSimError
 
+# Wall seconds per round (rounds.parquet): each shard step summed over shards, the slowest
+# shard's exchanges, and the cloud's admission and answers.
+SHARD_TIMES = ("time_receive", "time_score", "time_replay", "time_request")
+TIMES = (*SHARD_TIMES, "time_shard_slowest", "time_cloud")
+
 RESUME_HINT = ". With sim.checkpoint_every > 0, resume=true continues from the last checkpoint once the cause is fixed"
 
 
@@ -196,6 +201,7 @@ class Recorder:
                                  f"faults.max_shard_failures={self.max_shard_failures}); last error: "
                                  f"{self.errors.get(s)}{RESUME_HINT}")
         self._reported = set()
+        clock = time.perf_counter()
         requests = self.cloud.admit([p.requests for p in replies])
         asked = ~requests.first
         if asked.any():
@@ -204,13 +210,18 @@ class Recorder:
         kind, t0, t1, _ = window
         if self._row is None:
             self._row = {"round": r, "kind": kind, "t0": t0, "t1": t1, "exchanges": 0, "requests": 0, "delivered": 0,
-                         "events": 0.0, "scored": 0.0, "ndcg_sum": 0.0, "hit_sum": 0.0}
+                         "events": 0.0, "scored": 0.0, "ndcg_sum": 0.0, "hit_sum": 0.0,
+                         **{key: 0.0 for key in TIMES}}
         row = self._row
         row["exchanges"] += 1
         row["requests"] += int(asked.sum())
         row["delivered"] += len(self.pending)
-        for key in ("events", "scored", "ndcg_sum", "hit_sum"):
+        for key in ("events", "scored", "ndcg_sum", "hit_sum", *SHARD_TIMES):
             row[key] += float(sum(p.metrics.get(key, 0.0) for p in replies))
+        # Shards run side by side: the exchange waited for the slowest one.
+        row["time_shard_slowest"] += max((sum(p.metrics.get(k, 0.0) for k in SHARD_TIMES) for p in replies),
+                                         default=0.0)
+        row["time_cloud"] += time.perf_counter() - clock
         for p in replies:
             if p.table is not None:
                 self.tables[p.shard] = p.table

@@ -26,7 +26,7 @@ from fl_sim.cli import CONF_DIR, friendly_errors, output_dir, write_json
 from fl_sim.config_check import check_ranges
 from fl_sim.data import build_streams, load_dataset, select_devices
 from fl_sim.devices import build_fleet
-from fl_sim.engine import Recorder, schedule
+from fl_sim.engine import SHARD_TIMES, TIMES, Recorder, schedule
 from fl_sim.errors import ConfigError
 from fl_sim.memory import PeakMemory
 from fl_sim.pretrain import pretrained, pretrained_path, stream_times
@@ -129,6 +129,10 @@ def _simulate(cfg: DictConfig, out: Path, n_shards: int, backends: list, start: 
     n_shards = backend.n_shards
     if inter.n_users < n_shards:
         raise ConfigError(f"sim.nodes={n_shards} shards for {inter.n_users} devices: use at most one shard per device")
+    # From here on the run's files hold the streams (memory-mapped, shared with the shards):
+    # the data as loaded is dropped rather than held through the simulation.
+    shifts = inter.shifts
+    del inter, streams
     backend.load(str(run_dir))
 
     from strategies.cloud import Cloud
@@ -141,11 +145,14 @@ def _simulate(cfg: DictConfig, out: Path, n_shards: int, backends: list, start: 
         backend.restore_shards(str(resume_from))
         rec.restore(resume.load_state(resume_from / "recorder.pt"))
         rec.checkpoint_dir = str(resume_from)
+    checkpoint_s: list[float] = []  # wall time of each checkpoint saved
     if every:
         def checkpoint(r: int) -> None:
             # Not while a shard is lost (it is rebuilt first; the next multiple saves it).
             if (r + 1) % every == 0 and rec.next_round() is not None and not rec.lost:
+                t = time.perf_counter()
                 rec.checkpointed(str(resume.save(run_dir, r, rec.state(), backend.save_shards)))
+                checkpoint_s.append(time.perf_counter() - t)
         rec.on_round_end = checkpoint
     bar = tqdm(total=sched.rounds + 1, initial=len(rec.rounds), desc="rounds", unit="round", mininterval=0.5)
     totals = {"ndcg": sum(r["ndcg_sum"] for r in rec.rounds), "scored": sum(r["scored"] for r in rec.rounds),
@@ -164,14 +171,17 @@ def _simulate(cfg: DictConfig, out: Path, n_shards: int, backends: list, start: 
     backend.run(rec)
     bar.close()
     sim_wall = time.perf_counter() - sim_start
-    return write_results(cfg, out, rec, streams, cloud, n_shards, cached, start, sim_wall, memory, backend)
+    summary = write_results(cfg, out, rec, runfiles.load_streams(str(run_dir)), shifts, cloud, n_shards, cached,
+                            start, sim_wall, memory, backend, checkpoint_s)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return summary
 
 
-def write_results(cfg, out: Path, rec: Recorder, streams, cloud, n_shards, cached, start, sim_wall,
-                  memory: PeakMemory, backend) -> dict:
+def write_results(cfg, out: Path, rec: Recorder, s: runfiles.Streams, shifts: pd.DataFrame | None, cloud, n_shards,
+                  cached, start, sim_wall, memory: PeakMemory, backend, checkpoint_s: list[float]) -> dict:
     dev = rec.device_table()
     installs = rec.install_table()
-    fleet = build_fleet(cfg.devices, streams.inter.n_users, cfg.seed)
+    fleet = build_fleet(cfg.devices, s.n_devices, cfg.seed)
     table = pd.DataFrame({k: v for k, v in dev.items()})
     table["tier"] = fleet.tier[table["device"]]
     table["link_class"] = fleet.link_class[table["device"]]
@@ -180,22 +190,22 @@ def write_results(cfg, out: Path, rec: Recorder, streams, cloud, n_shards, cache
     rounds = pd.DataFrame(rec.rounds)
     rounds.to_parquet(out / "rounds.parquet", index=False)
     requests = pd.DataFrame(rec.request_table())
-    requests["event"] = stream_ordinal(streams, requests["device"].to_numpy(), requests["time"].to_numpy())
+    requests["event"] = stream_ordinal(s, requests["device"].to_numpy(), requests["time"].to_numpy())
     requests.to_parquet(out / "requests.parquet", index=False)
-    if streams.inter.shifts is not None:  # ground truth of synthetic data: when each device's interests moved
-        shifts = streams.inter.shifts[["device", "time"]].copy()
-        d, ind = shifts["device"].to_numpy(), streams.inter.indptr
-        has_history = streams.split[d] > ind[d]
-        last_history = np.where(has_history, streams.inter.ts[np.maximum(streams.split[d] - 1, 0)], -np.inf)
+    if shifts is not None:  # ground truth of synthetic data: when each device's interests moved
+        shifts = shifts[["device", "time"]].copy()
+        d, ind = shifts["device"].to_numpy(), s.indptr
+        has_history = s.split[d] > ind[d]
+        last_history = np.where(has_history, s.ts[np.maximum(s.split[d] - 1, 0)], -np.inf)
         shifts = shifts[shifts["time"].to_numpy() > last_history].reset_index(drop=True)  # during the stream
         d = shifts["device"].to_numpy()
-        shifts["event"] = stream_ordinal(streams, d, shifts["time"].to_numpy())
-        shifts["events_after"] = ind[1:][d] - streams.split[d] - shifts["event"]
+        shifts["event"] = stream_ordinal(s, d, shifts["time"].to_numpy())
+        shifts["events_after"] = ind[1:][d] - s.split[d] - shifts["event"]
         shifts.to_parquet(out / "shifts.parquet", index=False)
     scored = float(table["scored"].sum())
     sim_time = rec.sched.span_s
     summary = {
-        "num_devices": int(streams.inter.n_users), "rounds": rec.sched.rounds,
+        "num_devices": int(s.n_devices), "rounds": rec.sched.rounds,
         "ndcg10": float(table["ndcg"].sum() / max(scored, 1)), "hit10": float(table["hit"].sum() / max(scored, 1)),
         "events_total": int(table["events"].sum()), "events_evaluated": int(scored),
         "events_no_context": int(table["no_context"].sum()), "events_no_model": int(table["no_model"].sum()),
@@ -239,8 +249,12 @@ def write_results(cfg, out: Path, rec: Recorder, streams, cloud, n_shards, cache
             "requests_refused_capacity": cloud.refused.get("capacity", 0),
         },
         "failed_shards": rec.failed_shards,
+        # seconds to save each checkpoint (sim.checkpoint_every): count, median, max
+        "checkpoint_s": {"n": len(checkpoint_s), "median": float(np.median(checkpoint_s)) if checkpoint_s else None,
+                         "max": max(checkpoint_s, default=None)},
         "sim_time_s": sim_time, "t_start": rec.sched.t0, "t_end": rec.sched.t0 + sim_time,
         "wall_s": time.perf_counter() - start, "sim_wall_s": sim_wall,
+        "time_s": time_breakdown(rounds, sim_wall, parallel=backend.name != "inprocess"),
         "pretrain_cached": cached,
         "resumed": bool(cfg.resume),  # wall_s, sim_wall_s and peak_rss_mb then cover the resumed part only
         # this process and all it started (Ray included), plus on a cluster each other node's Ray
@@ -252,8 +266,21 @@ def write_results(cfg, out: Path, rec: Recorder, streams, cloud, n_shards, cache
     (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     write_json(out / "summary.json", summary)
     _plot(rounds, out)
-    shutil.rmtree(out / ".sim", ignore_errors=True)
     return summary
+
+
+def time_breakdown(rounds: pd.DataFrame, sim_wall: float, parallel: bool) -> dict:
+    """Where the simulation's wall time went: the cloud (admitting and answering requests), the
+    shards (`parallel`: the slowest shard of each exchange, as they run side by side; else all
+    of them, one after another), and the rest
+    (messages between the cloud and the shards, routing, checkpoints); and each shard step's
+    seconds summed over shards (receive: downloads and installs; score: ranking events;
+    replay: walking events and triggers; request: building requests)."""
+    total = {k: float(rounds[k].sum()) if k in rounds else 0.0 for k in TIMES}
+    shards = total["time_shard_slowest"] if parallel else sum(total[k] for k in SHARD_TIMES)
+    return {"simulation": sim_wall, "cloud": total["time_cloud"], "shards": shards,
+            "transport_and_loop": sim_wall - total["time_cloud"] - shards,
+            "shard_steps_summed": {k.removeprefix("time_"): total[k] for k in SHARD_TIMES}}
 
 
 def _quantiles(x: np.ndarray) -> dict:
@@ -296,14 +323,23 @@ def by_group(table: pd.DataFrame, column: str, installs: np.ndarray, fleet) -> d
     return out
 
 
-def stream_ordinal(streams, device: np.ndarray, t: np.ndarray) -> np.ndarray:
+def stream_ordinal(s: runfiles.Streams, device: np.ndarray, t: np.ndarray) -> np.ndarray:
     """How many of its stream events each device had seen by time t (a request made at an
-    event counts that event)."""
-    out = np.zeros(len(device), dtype=np.int64)
-    ts, split, end = streams.inter.ts, streams.split, streams.inter.indptr[1:]
-    for d in np.unique(device):
-        rows = np.flatnonzero(device == d)
-        out[rows] = np.searchsorted(ts[split[d]:end[d]], t[rows], side="right")
+    event counts that event): one sort of the stream events and the queries by (device, time),
+    an event before a query at the same time."""
+    device = np.asarray(device, dtype=np.int64)
+    n_stream = s.indptr[1:] - s.split
+    ev_dev = np.repeat(np.arange(s.n_devices), n_stream)
+    starts = np.concatenate([[0], np.cumsum(n_stream)])
+    ev = np.arange(starts[-1]) - np.repeat(starts[:-1] - s.split, n_stream)  # global index of each stream event
+    dev = np.concatenate([ev_dev, device])
+    when = np.concatenate([np.asarray(s.ts[ev], dtype=float), np.asarray(t, dtype=float)])
+    query = np.concatenate([np.zeros(len(ev), bool), np.ones(len(device), bool)])
+    order = np.lexsort((query, when, dev))
+    seen = np.cumsum(~query[order])  # stream events up to each position, in (device, time) order
+    out = np.empty(len(device), np.int64)
+    at = query[order]
+    out[order[at] - len(ev)] = seen[at] - starts[dev[order[at]]]
     return out
 
 

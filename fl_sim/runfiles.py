@@ -2,7 +2,9 @@
 
 `python -m fl_sim.run` writes them once into RUN/.sim/: the resolved config, the device
 streams, and the pre-trained model; every shard (in-process or in a Ray worker) and the
-cloud read them from there.
+cloud read them from there. The streams are plain .npy arrays, memory-mapped read-only: the
+processes of one machine share one copy of them in the page cache instead of each holding
+its own.
 """
 
 from __future__ import annotations
@@ -42,8 +44,10 @@ def write(folder: Path, cfg: DictConfig, streams: DeviceStreams, model: Recommen
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     inter = streams.inter
-    np.savez(folder / "streams.npz", item=inter.item, ts=inter.ts, session=streams.session, indptr=inter.indptr,
-             split=streams.split, n_items=np.array(inter.n_items))
+    arrays = {"item": inter.item, "ts": inter.ts, "session": streams.session, "indptr": inter.indptr,
+              "split": streams.split, "n_items": np.array(inter.n_items)}
+    for name, a in arrays.items():
+        np.save(folder / f"stream_{name}.npy", np.asarray(a))
     checkpoint.save(folder / "model.pt", model, fingerprint)
 
 
@@ -52,11 +56,17 @@ def load_config(folder: str) -> DictConfig:
     return OmegaConf.load(Path(folder) / "config.yaml")
 
 
+STREAM_ARRAYS = ("item", "ts", "session", "indptr", "split", "n_items")
+
+
 @lru_cache(maxsize=4)
 def load_streams(folder: str) -> Streams:
-    with np.load(Path(folder) / "streams.npz") as z:
-        return Streams(item=z["item"], ts=z["ts"], session=z["session"], indptr=z["indptr"], split=z["split"],
-                       n_items=int(z["n_items"]))
+    """The streams, memory-mapped (read-only: nothing may write into them)."""
+    per_event = ("item", "ts", "session")  # per device and the catalogue's size: small, read whole
+    a = {name: np.load(Path(folder) / f"stream_{name}.npy", mmap_mode="r" if name in per_event else None)
+         for name in STREAM_ARRAYS}
+    return Streams(item=a["item"], ts=a["ts"], session=a["session"], indptr=a["indptr"], split=a["split"],
+                   n_items=int(a["n_items"]))
 
 
 def load_model(folder: str) -> Recommender:
@@ -67,7 +77,7 @@ def load_model(folder: str) -> Recommender:
     return model.eval()
 
 
-FILES = ("config.yaml", "streams.npz", "model.pt")
+FILES = ("config.yaml", *(f"stream_{name}.npy" for name in STREAM_ARRAYS), "model.pt")
 
 
 def pack(folder: str) -> dict[str, bytes]:

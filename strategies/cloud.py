@@ -41,10 +41,8 @@ class Cloud:
         self.payload = cost.Payload(self.model, str(cfg.sim.payload))
         self.items = bb.item_emb.weight[1:].detach()
         # What the cloud holds legitimately: each device's history before T0 (left out of retrieval).
-        lengths = s.split - s.indptr[:-1]
-        self.hist_ptr = np.concatenate([[0], np.cumsum(lengths)])
-        self.hist_items = np.concatenate([s.item[a:b] for a, b in zip(s.indptr[:-1], s.split)]).astype(np.int64) \
-            if lengths.sum() else np.zeros(0, np.int64)
+        # (device d's history is s.item[s.indptr[d]:s.split[d]], read from the shared streams)
+        self.hist_lo, self.hist_hi, self.stream_item = s.indptr[:-1], s.split, s.item
         # One model for everyone (device_rec, finetune): its weights ship once, with the first answer.
         self.static = self.model.mapper is None and self.model.spec.structure == "all"
         self.counts = {"answered": 0, "unservable": 0, "first": 0, "first_unservable": 0}
@@ -142,14 +140,20 @@ class Cloud:
         out.checksum[:] = [checksum(out.blocks[i], rows[i], out.candidates[i]) for i in range(len(out))]
         return out
 
-    def retrieve(self, device: np.ndarray, user: np.ndarray) -> np.ndarray:
-        """The top-N items for each user vector, items of the device's history left out."""
+    def retrieve(self, device: np.ndarray, user: np.ndarray, chunk: int = 4096) -> np.ndarray:
+        """The top-N items for each user vector, items of the device's history left out (in
+        chunks of requests: a score matrix over the catalogue for all of them at once would be
+        the run's largest allocation at deployment)."""
         if not self.n_cand:
             return np.zeros((len(device), 0), np.int64)
+        if len(device) > chunk:
+            return np.concatenate([self.retrieve(device[i:i + chunk], user[i:i + chunk], chunk)
+                                   for i in range(0, len(device), chunk)])
         scores = torch.from_numpy(user) @ self.items.T
-        lo, hi = self.hist_ptr[device], self.hist_ptr[device + 1]
+        lo, hi = self.hist_lo[device], self.hist_hi[device]
         rows = np.repeat(np.arange(len(device)), hi - lo)
-        cols = self.hist_items[np.concatenate([np.arange(a, b) for a, b in zip(lo, hi)])] if len(rows) else rows
+        starts = np.concatenate([[0], np.cumsum(hi - lo)])[:-1]
+        cols = self.stream_item[np.arange(len(rows)) - np.repeat(starts - lo, hi - lo)].astype(np.int64)
         scores[torch.from_numpy(rows), torch.from_numpy(cols)] = -torch.inf
         return torch.topk(scores, self.n_cand, dim=1).indices.numpy().astype(np.int64)
 

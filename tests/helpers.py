@@ -31,7 +31,8 @@ SMALL = ["num_clients=40", "model.n_blocks=2", "model.d=16", "model.maxlen=30", 
 
 
 # Summary keys that describe how a run ran, not what it measured.
-RUN_SPECIFIC = {"wall_s", "sim_wall_s", "peak_rss_mb", "resumed", "pretrain_cached", "backend", "placement"}
+RUN_SPECIFIC = {"wall_s", "sim_wall_s", "peak_rss_mb", "resumed", "pretrain_cached", "backend", "placement",
+                "checkpoint_s", "time_s"}
 
 
 def simulate(tmp_path, name, *extra, cache, env: dict | None = None, cwd=ROOT):

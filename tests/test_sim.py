@@ -23,6 +23,12 @@ def test_summary_contract_and_accounting(baseline):
     rounds = pd.read_parquet(out / "rounds.parquet")
     assert len(rounds) == summary["rounds"] + 1 and rounds["requests"].sum() == summary["requests"]
     assert (out / "rounds.png").exists()
+    t = summary["time_s"]  # where the simulation's wall time went: parts of it, none negative
+    steps = t["shard_steps_summed"]
+    assert set(steps) == {"receive", "score", "replay", "request"} and min(steps.values()) >= 0
+    assert t["cloud"] > 0 and steps["score"] > 0 and t["transport_and_loop"] >= 0
+    assert t["cloud"] + t["shards"] + t["transport_and_loop"] == pytest.approx(t["simulation"])
+    assert t["simulation"] == summary["sim_wall_s"] and t["simulation"] < summary["wall_s"]
 
 
 def test_same_results_whatever_the_shard_count(tmp_path, cache):
@@ -166,3 +172,22 @@ def test_a_device_waits_for_its_model_before_asking_again(tmp_path, cache):
     summary, _ = simulate(tmp_path, "slow", *base, *slow, cache=cache)  # the link's floor: 1 kB/s
     assert 0 < summary["requests"] < fast["requests"]
     assert accounted(summary)
+
+
+def test_stream_ordinal_counts_each_devices_stream_events_up_to_a_time():
+    """Recomputed per query with a plain search of the device's own stream."""
+    import numpy as np
+
+    from fl_sim.run import stream_ordinal
+    from fl_sim.runfiles import Streams
+
+    rng = np.random.default_rng(0)
+    lens = rng.integers(0, 20, 50)
+    indptr = np.concatenate([[0], np.cumsum(lens)])
+    ts = np.concatenate([np.sort(rng.integers(0, 30, n)).astype(float) for n in lens])  # ties included
+    split = indptr[:-1] + (rng.random(50) * (lens + 1)).astype(int)
+    s = Streams(item=np.zeros(len(ts), np.int32), ts=ts, session=ts, indptr=indptr, split=split, n_items=5)
+    dev, t = rng.integers(0, 50, 300), rng.integers(-1, 32, 300).astype(float)
+    want = [np.searchsorted(ts[split[d]:indptr[d + 1]], x, side="right") for d, x in zip(dev, t)]
+    assert stream_ordinal(s, dev, t).tolist() == [int(w) for w in want]
+    assert stream_ordinal(s, dev[:0], t[:0]).tolist() == []

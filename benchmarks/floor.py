@@ -1,0 +1,144 @@
+"""The compute floor of a fleet run: its stream events scored in plain batched passes, with no
+simulation around them (no rounds, replay, triggers, cloud, transport).
+
+    python benchmarks/floor.py num_clients=5000 [--check] [more fl_sim.run overrides]
+
+Every device gets its deployment model, as in a run's first round (its first request, the
+cloud's answer, installed). Then every real-time event is scored once with that model: each
+device's timeline in the same anchored chunks a run scores (clients/scoring.py), each chunk's
+sequence one row of a batch of `sim.batch` rows of equal structure, one backbone pass per
+batch with the device's generated terms, and the target ranked among the device's candidates
+with the items it saw before left out (clients.scoring.rank_targets). Only that is timed.
+
+What it leaves out of a run: later model versions (a run installs new ones when devices ask;
+their structures come from the same controller, so their cost per event is alike) and every
+step around scoring. The events, sequences, batch size and ranking are the run's. As a check
+that the floor computes the right thing, the same events are also scored through the
+simulator's own scorer (clients.scoring.score) with the same models (`--check`): NDCG@10
+must agree. Prints JSON: floor seconds, events, ms per event, NDCG@10.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from hydra import compose, initialize_config_dir
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from clients import inbox, outbox  # noqa: E402
+from clients.scoring import rank_targets, score  # noqa: E402
+from clients.state import Devices, load_fixed  # noqa: E402
+from fl_sim import runfiles  # noqa: E402
+from fl_sim.cli import CONF_DIR  # noqa: E402
+from fl_sim.data import build_streams, load_dataset, select_devices  # noqa: E402
+from fl_sim.pretrain import pretrained  # noqa: E402
+from fl_sim.training import left_pad  # noqa: E402
+from strategies.cloud import Cloud  # noqa: E402
+
+
+def run_files(overrides: list[str], folder: Path) -> Path:
+    """The run files `python -m fl_sim.run` writes for these overrides (pre-training cached)."""
+    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+        cfg = compose(config_name="config", overrides=overrides)
+    inter, _ = load_dataset(cfg.dataset, num_clients=cfg.num_clients, seed=cfg.seed, cache_dir=cfg.cache_dir)
+    streams = build_streams(select_devices(inter, cfg.num_clients, cfg.seed), cfg.streams, cfg.seed)
+    model, fp, _ = pretrained(cfg, streams)
+    runfiles.write(folder, cfg, streams, model, fp)
+    return folder
+
+
+def deployed(run_dir: str):
+    """One shard holding every device, each with its deployment model installed."""
+    fx = load_fixed(run_dir, 0, 1)
+    st = Devices.new(fx)
+    rows = np.arange(len(fx.devices))
+    t0 = float(np.min(fx.s.ts[fx.s.split[fx.s.split < fx.s.indptr[1:]]]))
+    req = outbox.build(fx, st, rows, fx.s.split[fx.devices], np.full(len(rows), t0),
+                       outbox.first_user_vectors(fx, rows), first=True)
+    cloud = Cloud(run_dir)
+    inbox.receive(fx, st, cloud.answer(cloud.admit([req])))
+    return fx, st
+
+
+@torch.no_grad()
+def floor(fx, st) -> tuple[float, np.ndarray, np.ndarray]:
+    """(seconds, events scored, their NDCG@10): plain batched passes over every stream event."""
+    bb, s, C, T = fx.model.backbone, fx.s, fx.chunk, fx.model.backbone.maxlen
+    batch = int(fx.cfg.sim.batch)
+    start = time.perf_counter()
+    # Every chunk of every device's stream: (device row, first event, end event), grouped by structure.
+    groups: dict[bytes, list] = {}
+    for j, g in enumerate(fx.devices):
+        model = st.held[j]
+        if model is None:  # its budget fitted no model: a run ranks none of its events either
+            continue
+        base, lo, end = s.indptr[g], s.split[g], s.indptr[g + 1]
+        c0 = lo
+        while c0 < end:
+            c1 = min(end, base + ((c0 - base) // C + 1) * C)
+            groups.setdefault((model.blocks.tobytes(), model.weights is None), []).append((j, c0, c1))
+            c0 = c1
+    events, ndcg = [], []
+    for jobs in groups.values():
+        kept = np.flatnonzero(st.held[jobs[0][0]].blocks).tolist()
+        jobs.sort(key=lambda job: min(job[2], s.indptr[fx.devices[job[0]]] + T) - s.indptr[fx.devices[job[0]]])
+        for b0 in range(0, len(jobs), batch):
+            part = jobs[b0:b0 + batch]
+            first = [max(s.indptr[fx.devices[j]], c1 - T) for j, _, c1 in part]
+            seq = left_pad([fx.ids[f:c1] for f, (_, _, c1) in zip(first, part)], T)
+            params = None if st.held[part[0][0]].weights is None else [None] * bb.n_blocks
+            for k in kept if params is not None else []:
+                terms = torch.from_numpy(np.stack([st.held[j].weights[k] for j, _, _ in part]))
+                mapper = fx.model.mapper  # (None: finetune's own flat vectors)
+                params[k] = mapper.params_from_terms(bb.blocks[k], k, terms) if mapper else bb.blocks[k].unflatten(terms)
+            hidden = bb(seq, params=params, blocks=kept)
+            # The state before each event ranks it (an event with nothing before it is not ranked).
+            b_idx, pos, ev, rows = [], [], [], []
+            for b, ((j, c0, c1), f) in enumerate(zip(part, first)):
+                e = np.arange(max(c0, f + 1), c1)
+                b_idx.append(np.full(len(e), b)), pos.append(e - 1 - f + seq.shape[1] - (c1 - f))
+                ev.append(e), rows.append(np.full(len(e), j))
+            b_idx, pos, ev, rows = (np.concatenate(x) for x in (b_idx, pos, ev, rows))
+            h = hidden[torch.from_numpy(b_idx), torch.from_numpy(pos)]
+            rank, _ = rank_targets(fx, h, rows, ev, [st.held[j].candidates for j in rows])
+            events.append(ev), ndcg.append(np.where(rank < 10, 1.0 / np.log2(rank + 2.0), 0.0))
+    seconds = time.perf_counter() - start
+    return seconds, np.concatenate(events), np.concatenate(ndcg)
+
+
+def measure(overrides: list[str], check: bool = False) -> dict:
+    """The floor for a run with these overrides; `check`: also score the same events through
+    the simulator's scorer in one call and report both NDCG@10s (they must agree)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        run_dir = str(run_files(overrides, Path(tmp)))
+        fx, st = deployed(run_dir)
+        seconds, events, ndcg = floor(fx, st)
+        out = {"overrides": overrides, "devices": int(len(fx.devices)), "events_ranked": int(len(events)),
+               "floor_s": round(seconds, 3), "ms_per_event": 1000 * seconds / max(len(events), 1),
+               "ndcg10_floor": float(ndcg.mean())}
+        if check:
+            rows = np.arange(len(fx.devices))
+            lo, hi = fx.s.split[fx.devices].copy(), fx.s.indptr[fx.devices + 1].copy()
+            start = time.perf_counter()
+            sc = score(fx, st, rows, lo, hi)
+            out.update({"scorer_one_call_s": round(time.perf_counter() - start, 3),
+                        "events_ranked_scorer": int(sc.scored.sum()),
+                        "ndcg10_scorer": float(sc.ndcg[sc.scored].mean())})
+    return out
+
+
+def main() -> None:
+    args = sys.argv[1:]
+    print(json.dumps(measure([a for a in args if a != "--check"], check="--check" in args)))
+
+
+if __name__ == "__main__":
+    main()
