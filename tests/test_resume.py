@@ -88,3 +88,31 @@ def test_resume_refuses_what_it_cannot_continue(tmp_path, cache, extra, message)
         assert res.returncode == 2 and (out / ".sim" / "checkpoints" / "latest.json").exists()
     res = run_module("fl_sim.run", *args, *extra, "resume=true", env=env)
     assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr
+
+
+def test_models_packed_for_checkpoints_come_back_whole():
+    """Checkpoints store the devices' models as arrays (clients.state.pack_models)."""
+    import numpy as np
+
+    from clients.state import Model, pack_models, unpack_models
+
+    rng = np.random.default_rng(0)
+    models = [None,
+              Model(blocks=np.array([True, False, True]), weights={0: rng.random((4, 5), dtype=np.float32),
+                                                                    2: rng.random((4, 5), dtype=np.float32)},
+                    candidates=np.array([7, 3, 9])),
+              Model(blocks=np.array([False, True, False]), weights=None, candidates=np.zeros(0, np.int64)),
+              Model(blocks=np.array([False, False, True]), weights={2: rng.random((4, 5), dtype=np.float32)},
+                    candidates=np.array([1, 2, 3])),
+              None]
+    back = unpack_models(pack_models(models))
+    assert [m is None for m in back] == [m is None for m in models]
+    for a, b in zip(models, back):
+        if a is None:
+            continue
+        assert (a.blocks == b.blocks).all() and (a.candidates == b.candidates).all()
+        assert (a.weights is None) == (b.weights is None)
+        if a.weights is not None:
+            assert list(a.weights) == list(b.weights)
+            assert all((a.weights[k] == b.weights[k]).all() for k in a.weights)
+    assert unpack_models(pack_models([])) == [] and unpack_models(pack_models([None])) == [None]
