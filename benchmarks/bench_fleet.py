@@ -16,6 +16,7 @@ Cases (5,000 devices and the default config unless named):
              size with a checkpoint every 10 rounds (seconds per checkpoint), and the compute
              floor (benchmarks/floor.py) at 5,000 and the largest size: the simulation's
              wall time over the floor's
+  checkpoints  the checkpoint run of `scale` alone (pre-training cached at the largest size)
 Writes benchmarks/results/fleet.json: every run and the median per case. --cache DIR reuses the
 pre-trained models cached there (default: a fresh directory; pre-training is never timed in the
 cached cases).
@@ -76,15 +77,22 @@ def scale(result: dict, runs: dict, cache: str, sizes: list[int], n_runs: int) -
                         "ms_per_device_simulation": round(1000 * median(runs[key], "sim_wall_s") / n, 3),
                         "time_s_of_median_run": mid["time_s"], "events": mid["events_total"],
                         "requests": mid["requests"], "ndcg10": mid["ndcg10"]}
-    big = max(sizes)
-    ck = run([f"num_clients={big}", "sim.checkpoint_every=10"], cache)
-    runs[f"scale_ray_{big}_checkpoints"] = [ck]
-    rows[str(big)]["checkpoint_s"] = ck["checkpoint_s"]
-    for n in sorted({5000, big} & set(sizes)):
+    checkpoints(result, runs, cache, max(sizes))
+    for n in sorted({5000, max(sizes)} & set(sizes)):
         fl = measure([f"num_clients={n}"], check=n <= 5000)
         print(json.dumps(fl), flush=True)
         rows[str(n)]["floor"] = fl
         rows[str(n)]["simulation_over_floor"] = round(rows[str(n)]["sim_wall_s"] / fl["floor_s"], 2)
+
+
+def checkpoints(result: dict, runs: dict, cache: str, n: int) -> None:
+    """One run of n devices (pre-training cached) saving a checkpoint every 10 rounds: seconds
+    per checkpoint, and the run's peak memory with them."""
+    ck = run([f"num_clients={n}", "sim.checkpoint_every=10"], cache)
+    runs[f"scale_ray_{n}_checkpoints"] = [ck]
+    row = result.setdefault("scale", {}).setdefault(str(n), {})
+    row["checkpoint_s"] = ck["checkpoint_s"]
+    row["checkpoint_run"] = {k: ck[k] for k in ("process_wall_s", "sim_wall_s", "peak_rss_mb", "ndcg10")}
 
 
 def main() -> None:
@@ -124,6 +132,8 @@ def main() -> None:
             runs[f"warm_inprocess_5000_{name}"] = [run([*base, *extra], warm_cache) for _ in range(opts.runs)]
     if "scale" in cases:
         scale(result, runs, warm_cache, [int(n) for n in opts.sizes.split(",")], opts.runs)
+    elif "checkpoints" in cases:  # the checkpoint run of `scale` alone, at the largest size
+        checkpoints(result, runs, warm_cache, max(int(n) for n in opts.sizes.split(",")))
     result["median"] = {case: {k: median(rows, k) for k in ("process_wall_s", "wall_s", "sim_wall_s", "peak_rss_mb")}
                         for case, rows in runs.items()}
     path.write_text(json.dumps(result, indent=2) + "\n")

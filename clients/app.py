@@ -185,7 +185,12 @@ class ShardActor:
                 raise RuntimeError(f"shard {self.index}: not loaded within {wait_s:.0f} s")
         return self.shard
 
-    def save(self) -> bytes:
+    def save(self, path: str | None = None) -> bytes | None:
+        """The shard's state: into `path` (a folder this node shares with the driver), else as
+        bytes for the driver to write."""
+        if path is not None:
+            self._loaded().save(path)
+            return None
         return self._loaded().state_bytes()
 
     def restore(self, state: bytes) -> None:

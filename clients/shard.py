@@ -68,8 +68,11 @@ class Shard:
     def state_bytes(self) -> bytes:
         """The shard's state (its devices and trigger), as a checkpoint file holds it."""
         buf = io.BytesIO()
-        torch.save({"st": self.st, "trigger": self.trigger, "booted": self.booted}, buf)
+        torch.save(self._state(), buf)
         return buf.getvalue()
+
+    def _state(self) -> dict:
+        return {"st": self.st, "trigger": self.trigger, "booted": self.booted}
 
     def restore(self, source) -> None:
         """From a checkpoint file, or its bytes (checkpoints of shards on other nodes)."""
@@ -79,7 +82,7 @@ class Shard:
         self.st, self.trigger, self.booted = state["st"], state["trigger"], state["booted"]
 
     def save(self, path: str) -> None:
-        Path(path).write_bytes(self.state_bytes())
+        torch.save(self._state(), path)
 
     # ---- one exchange --------------------------------------------------------------------
     def exchange(self, kind: str, t0: float, t1: float, deliveries: Deliveries) -> tuple[Requests, dict, int]:

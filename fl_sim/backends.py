@@ -163,8 +163,13 @@ class RayFlower:
         ray.get(self.actors[s].rebuild.remote(self.files, state, entries))
 
     def save_shards(self, folder: str) -> None:
+        """On one machine the shards write their checkpoint files themselves, side by side; on
+        a cluster their states come back as bytes through the object store."""
         import ray
 
+        if self.address is None:
+            ray.get([a.save.remote(str(shard_file(folder, s))) for s, a in enumerate(self.actors)])
+            return
         for s, state in enumerate(ray.get([a.save.remote() for a in self.actors])):
             shard_file(folder, s).write_bytes(state)
 
