@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from hydra.utils import instantiate
 
 from clients import inbox, outbox
@@ -26,6 +25,7 @@ from clients.replay import replay
 from clients.scoring import score
 from clients.state import Devices, load_fixed
 from fl_sim.protocol import Deliveries, Requests
+from fl_sim.resume import load_state, save_state
 
 
 STEPS = ("receive", "score", "replay", "request")  # where a shard's exchange spends its time
@@ -68,7 +68,7 @@ class Shard:
     def state_bytes(self) -> bytes:
         """The shard's state (its devices and trigger), as a checkpoint file holds it."""
         buf = io.BytesIO()
-        torch.save(self._state(), buf)
+        save_state(self._state(), buf)
         return buf.getvalue()
 
     def _state(self) -> dict:
@@ -76,13 +76,11 @@ class Shard:
 
     def restore(self, source) -> None:
         """From a checkpoint file, or its bytes (checkpoints of shards on other nodes)."""
-        from fl_sim.resume import load_state
-
         state = load_state(io.BytesIO(source) if isinstance(source, bytes) else source)
         self.st, self.trigger, self.booted = state["st"], state["trigger"], state["booted"]
 
     def save(self, path: str) -> None:
-        torch.save(self._state(), path)
+        save_state(self._state(), path)
 
     # ---- one exchange --------------------------------------------------------------------
     def exchange(self, kind: str, t0: float, t1: float, deliveries: Deliveries) -> tuple[Requests, dict, int]:
