@@ -69,8 +69,9 @@ def deployed(run_dir: str):
 
 
 @torch.no_grad()
-def floor(fx, st) -> tuple[float, np.ndarray, np.ndarray]:
-    """(seconds, events scored, their NDCG@10): plain batched passes over every stream event."""
+def floor(fx, st) -> tuple[float, np.ndarray, np.ndarray, np.ndarray]:
+    """(seconds, events scored, their NDCG@10, the entropy of their scores over what is ranked):
+    plain batched passes over every stream event."""
     bb, s, C, T = fx.model.backbone, fx.s, fx.chunk, fx.model.backbone.maxlen
     batch = int(fx.cfg.sim.batch)
     start = time.perf_counter()
@@ -86,7 +87,7 @@ def floor(fx, st) -> tuple[float, np.ndarray, np.ndarray]:
             c1 = min(end, base + ((c0 - base) // C + 1) * C)
             groups.setdefault((model.blocks.tobytes(), model.weights is None), []).append((j, c0, c1))
             c0 = c1
-    events, ndcg = [], []
+    events, ndcg, entropy = [], [], []
     for jobs in groups.values():
         kept = np.flatnonzero(st.held[jobs[0][0]].blocks).tolist()
         jobs.sort(key=lambda job: min(job[2], s.indptr[fx.devices[job[0]]] + T) - s.indptr[fx.devices[job[0]]])
@@ -108,10 +109,10 @@ def floor(fx, st) -> tuple[float, np.ndarray, np.ndarray]:
                 ev.append(e), rows.append(np.full(len(e), j))
             b_idx, pos, ev, rows = (np.concatenate(x) for x in (b_idx, pos, ev, rows))
             h = hidden[torch.from_numpy(b_idx), torch.from_numpy(pos)]
-            rank, _ = rank_targets(fx, h, rows, ev, [st.held[j].candidates for j in rows])
-            events.append(ev), ndcg.append(np.where(rank < 10, 1.0 / np.log2(rank + 2.0), 0.0))
+            rank, ent = rank_targets(fx, h, rows, ev, [st.held[j].candidates for j in rows])
+            events.append(ev), ndcg.append(np.where(rank < 10, 1.0 / np.log2(rank + 2.0), 0.0)), entropy.append(ent)
     seconds = time.perf_counter() - start
-    return seconds, np.concatenate(events), np.concatenate(ndcg)
+    return seconds, np.concatenate(events), np.concatenate(ndcg), np.concatenate(entropy)
 
 
 def measure(overrides: list[str], check: bool = False) -> dict:
@@ -120,7 +121,7 @@ def measure(overrides: list[str], check: bool = False) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = str(run_files(overrides, Path(tmp)))
         fx, st = deployed(run_dir)
-        seconds, events, ndcg = floor(fx, st)
+        seconds, events, ndcg, _ = floor(fx, st)
         out = {"overrides": overrides, "devices": int(len(fx.devices)), "events_ranked": int(len(events)),
                "floor_s": round(seconds, 3), "ms_per_event": 1000 * seconds / max(len(events), 1),
                "ndcg10_floor": float(ndcg.mean())}

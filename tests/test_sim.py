@@ -191,3 +191,29 @@ def test_stream_ordinal_counts_each_devices_stream_events_up_to_a_time():
     want = [np.searchsorted(ts[split[d]:indptr[d + 1]], x, side="right") for d, x in zip(dev, t)]
     assert stream_ordinal(s, dev, t).tolist() == [int(w) for w in want]
     assert stream_ordinal(s, dev[:0], t[:0]).tolist() == []
+
+
+def test_the_scorer_agrees_with_a_plain_batched_pass(cache, monkeypatch, tmp_path):
+    """The compute floor (benchmarks/floor.py) scores every stream event in plain batched passes,
+    written apart from the simulator's scorer: both must rank each event alike."""
+    import sys
+
+    import numpy as np
+
+    from clients.scoring import score
+    from helpers import ROOT
+
+    monkeypatch.setenv("FL_SIM_CACHE", str(cache))
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from floor import deployed, floor, run_files
+
+    fx, st = deployed(str(run_files(SMALL, tmp_path / "run")))
+    _, events, ndcg, entropy = floor(fx, st)
+    rows = np.arange(len(fx.devices))
+    sc = score(fx, st, rows, fx.s.split[fx.devices].copy(), fx.s.indptr[fx.devices + 1].copy())
+    # the scorer's events, in device order, at their global indices
+    ev = np.concatenate([np.arange(a, b) for a, b in zip(fx.s.split[fx.devices], fx.s.indptr[fx.devices + 1])])
+    order = np.argsort(events)
+    assert (ev[sc.scored] == events[order]).all() and len(events) > 500
+    assert np.allclose(sc.ndcg[sc.scored], ndcg[order]) and ndcg.sum() > 0
+    assert np.allclose(sc.entropy[sc.scored], entropy[order], atol=1e-5)
