@@ -1,7 +1,7 @@
 """The compute floor of a fleet run: its stream events scored in plain batched passes, with no
 simulation around them (no rounds, replay, triggers, cloud, transport).
 
-    python benchmarks/floor.py num_clients=5000 [--check] [more fl_sim.run overrides]
+    python benchmarks/floor.py num_clients=5000 [--check] [--run=OUTPUT_DIR] [more fl_sim.run overrides]
 
 Every device gets its deployment model, as in a run's first round (its first request, the
 cloud's answer, installed). Then every real-time event is scored once with that model: each
@@ -15,7 +15,10 @@ their structures come from the same controller, so their cost per event is alike
 step around scoring. The events, sequences, batch size and ranking are the run's. As a check
 that the floor computes the right thing, the same events are also scored through the
 simulator's own scorer (clients.scoring.score) with the same models (`--check`): NDCG@10
-must agree. Prints JSON: floor seconds, events, ms per event, NDCG@10.
+must agree. With `--run=DIR` (a finished run of the same overrides), also the floor that
+scores each chunk once per model version the run installed (its installs.parquet): what the
+run must compute at the least, as a device's model changes. Prints JSON: floor seconds,
+events, ms per event, NDCG@10.
 """
 
 from __future__ import annotations
@@ -69,43 +72,49 @@ def deployed(run_dir: str):
 
 
 @torch.no_grad()
-def floor(fx, st) -> tuple[float, np.ndarray, np.ndarray, np.ndarray]:
+def floor(fx, st, installs: dict | None = None) -> tuple[float, np.ndarray, np.ndarray, np.ndarray]:
     """(seconds, events scored, their NDCG@10, the entropy of their scores over what is ranked):
-    plain batched passes over every stream event."""
+    plain batched passes over every stream event. `installs` (device -> times a run installed
+    a new model): each chunk is then scored in one pass per model version, as the run must, cut
+    where an install takes over (every version costed with the deployment model)."""
     bb, s, C, T = fx.model.backbone, fx.s, fx.chunk, fx.model.backbone.maxlen
     batch = int(fx.cfg.sim.batch)
     start = time.perf_counter()
-    # Every chunk of every device's stream: (device row, first event, end event), grouped by structure.
-    groups: dict[bytes, list] = {}
+    # Every piece of every chunk: (device row, first event, end event, the chunk's end), by structure.
+    groups: dict[tuple, list] = {}
     for j, g in enumerate(fx.devices):
         model = st.held[j]
         if model is None:  # its budget fitted no model: a run ranks none of its events either
             continue
         base, lo, end = s.indptr[g], s.split[g], s.indptr[g + 1]
+        times = (installs or {}).get(int(g), ())
+        cuts = set((lo + np.searchsorted(s.ts[lo:end], times, side="left")).tolist()) if len(times) else set()
         c0 = lo
         while c0 < end:
             c1 = min(end, base + ((c0 - base) // C + 1) * C)
-            groups.setdefault((model.blocks.tobytes(), model.weights is None), []).append((j, c0, c1))
+            edges = [c0, *sorted(x for x in cuts if c0 < x < c1), c1]
+            for a, b in zip(edges[:-1], edges[1:]):
+                groups.setdefault((model.blocks.tobytes(), model.weights is None), []).append((j, a, b, c1))
             c0 = c1
     events, ndcg, entropy = [], [], []
     for jobs in groups.values():
         kept = np.flatnonzero(st.held[jobs[0][0]].blocks).tolist()
-        jobs.sort(key=lambda job: min(job[2], s.indptr[fx.devices[job[0]]] + T) - s.indptr[fx.devices[job[0]]])
+        jobs.sort(key=lambda job: min(job[3], s.indptr[fx.devices[job[0]]] + T) - s.indptr[fx.devices[job[0]]])
         for b0 in range(0, len(jobs), batch):
             part = jobs[b0:b0 + batch]
-            first = [max(s.indptr[fx.devices[j]], c1 - T) for j, _, c1 in part]
-            seq = left_pad([fx.ids[f:c1] for f, (_, _, c1) in zip(first, part)], T)
+            first = [max(s.indptr[fx.devices[j]], ce - T) for j, _, _, ce in part]
+            seq = left_pad([fx.ids[f:ce] for f, (_, _, _, ce) in zip(first, part)], T)
             params = None if st.held[part[0][0]].weights is None else [None] * bb.n_blocks
             for k in kept if params is not None else []:
-                terms = torch.from_numpy(np.stack([st.held[j].weights[k] for j, _, _ in part]))
+                terms = torch.from_numpy(np.stack([st.held[j].weights[k] for j, _, _, _ in part]))
                 mapper = fx.model.mapper  # (None: finetune's own flat vectors)
                 params[k] = mapper.params_from_terms(bb.blocks[k], k, terms) if mapper else bb.blocks[k].unflatten(terms)
             hidden = bb(seq, params=params, blocks=kept)
             # The state before each event ranks it (an event with nothing before it is not ranked).
             b_idx, pos, ev, rows = [], [], [], []
-            for b, ((j, c0, c1), f) in enumerate(zip(part, first)):
-                e = np.arange(max(c0, f + 1), c1)
-                b_idx.append(np.full(len(e), b)), pos.append(e - 1 - f + seq.shape[1] - (c1 - f))
+            for b, ((j, a, e1, ce), f) in enumerate(zip(part, first)):
+                e = np.arange(max(a, f + 1), e1)
+                b_idx.append(np.full(len(e), b)), pos.append(e - 1 - f + seq.shape[1] - (ce - f))
                 ev.append(e), rows.append(np.full(len(e), j))
             b_idx, pos, ev, rows = (np.concatenate(x) for x in (b_idx, pos, ev, rows))
             h = hidden[torch.from_numpy(b_idx), torch.from_numpy(pos)]
@@ -115,9 +124,11 @@ def floor(fx, st) -> tuple[float, np.ndarray, np.ndarray, np.ndarray]:
     return seconds, np.concatenate(events), np.concatenate(ndcg), np.concatenate(entropy)
 
 
-def measure(overrides: list[str], check: bool = False) -> dict:
+def measure(overrides: list[str], check: bool = False, run_output: str | None = None) -> dict:
     """The floor for a run with these overrides; `check`: also score the same events through
-    the simulator's scorer in one call and report both NDCG@10s (they must agree)."""
+    the simulator's scorer in one call and report both NDCG@10s (they must agree);
+    `run_output`: a finished run's folder (same overrides), whose installs.parquet gives the
+    model versions: then also the floor with one pass per version (`floor_versions_s`)."""
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = str(run_files(overrides, Path(tmp)))
         fx, st = deployed(run_dir)
@@ -125,6 +136,14 @@ def measure(overrides: list[str], check: bool = False) -> dict:
         out = {"overrides": overrides, "devices": int(len(fx.devices)), "events_ranked": int(len(events)),
                "floor_s": round(seconds, 3), "ms_per_event": 1000 * seconds / max(len(events), 1),
                "ndcg10_floor": float(ndcg.mean())}
+        if run_output is not None:
+            import pandas as pd
+
+            inst = pd.read_parquet(Path(run_output) / "installs.parquet")
+            installs = {int(d): np.sort(g["install_time"].to_numpy()) for d, g in inst.groupby("device")}
+            seconds_v, events_v, _, _ = floor(fx, st, installs)
+            out.update({"floor_versions_s": round(seconds_v, 3), "installs": int(len(inst)),
+                        "events_ranked_versions": int(len(events_v))})
         if check:
             rows = np.arange(len(fx.devices))
             lo, hi = fx.s.split[fx.devices].copy(), fx.s.indptr[fx.devices + 1].copy()
@@ -138,7 +157,9 @@ def measure(overrides: list[str], check: bool = False) -> dict:
 
 def main() -> None:
     args = sys.argv[1:]
-    print(json.dumps(measure([a for a in args if a != "--check"], check="--check" in args)))
+    run_output = next((a.split("=", 1)[1] for a in args if a.startswith("--run=")), None)
+    overrides = [a for a in args if a != "--check" and not a.startswith("--run=")]
+    print(json.dumps(measure(overrides, check="--check" in args, run_output=run_output)))
 
 
 if __name__ == "__main__":

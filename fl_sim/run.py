@@ -192,6 +192,8 @@ def write_results(cfg, out: Path, rec: Recorder, s: runfiles.Streams, shifts: pd
     requests = pd.DataFrame(rec.request_table())
     requests["event"] = stream_ordinal(s, requests["device"].to_numpy(), requests["time"].to_numpy())
     requests.to_parquet(out / "requests.parquet", index=False)
+    pd.DataFrame({"device": installs[:, 0].astype(np.int64), "request_time": installs[:, 1],
+                  "install_time": installs[:, 2]}).to_parquet(out / "installs.parquet", index=False)
     if shifts is not None:  # ground truth of synthetic data: when each device's interests moved
         shifts = shifts[["device", "time"]].copy()
         d, ind = shifts["device"].to_numpy(), s.indptr
