@@ -17,6 +17,7 @@ Cases (5,000 devices and the default config unless named):
              floor (benchmarks/floor.py) at 5,000 and the largest size: the simulation's
              wall time over the floor's
   checkpoints  the checkpoint run of `scale` alone (pre-training cached at the largest size)
+  floor      the floors of `scale` alone, each against one new run of the default command
 Writes benchmarks/results/fleet.json: every run and the median per case. --cache DIR reuses the
 pre-trained models cached there (default: a fresh directory; pre-training is never timed in the
 cached cases).
@@ -50,7 +51,7 @@ def run(args: list[str], cache: str) -> dict:
     if res.returncode != 0:
         raise SystemExit(f"fl_sim.run {' '.join(args)} failed:\n{res.stderr[-3000:]}")
     summary = json.loads((Path(out) / "summary.json").read_text())
-    row = {"args": args, "process_wall_s": round(wall, 2), **{k: summary[k] for k in KEYS}}
+    row = {"args": args, "process_wall_s": round(wall, 2), **{k: summary[k] for k in KEYS}, "output_dir": out}
     print(json.dumps(row), flush=True)
     return row
 
@@ -62,10 +63,6 @@ def median(rows: list[dict], key: str) -> float:
 def scale(result: dict, runs: dict, cache: str, sizes: list[int], n_runs: int) -> None:
     """Rows per fleet size: wall, peak memory, ms per device, where the time went; a checkpoint
     run at the largest size; the compute floor and the simulation's ratio to it."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from floor import measure
-
-    os.environ["FL_SIM_CACHE"] = cache  # the floor reads the same cached pre-training
     rows = result.setdefault("scale", {})
     for n in sizes:
         run([f"num_clients={n}", "sim.backend=inprocess", "sim.max_rounds=1"], cache)  # pre-train once
@@ -78,11 +75,27 @@ def scale(result: dict, runs: dict, cache: str, sizes: list[int], n_runs: int) -
                         "time_s_of_median_run": mid["time_s"], "events": mid["events_total"],
                         "requests": mid["requests"], "ndcg10": mid["ndcg10"]}
     checkpoints(result, runs, cache, max(sizes))
+    floors(result, runs, cache, sizes)
+
+
+def floors(result: dict, runs: dict, cache: str, sizes: list[int]) -> None:
+    """The compute floor at 5,000 devices and the largest size (pre-training cached there):
+    with the deployment models only, and with one pass per model version of the median run
+    (its installs.parquet); the simulation's median wall time over each."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from floor import measure
+
+    os.environ["FL_SIM_CACHE"] = cache  # the floor reads the same cached pre-training
+    rows = result.setdefault("scale", {})
     for n in sorted({5000, max(sizes)} & set(sizes)):
-        fl = measure([f"num_clients={n}"], check=n <= 5000)
+        done = runs.get(f"scale_ray_{n}") or [run([f"num_clients={n}"], cache)]
+        mid = sorted(done, key=lambda r: r["sim_wall_s"])[len(done) // 2]
+        fl = measure([f"num_clients={n}"], check=n <= 5000, run_output=mid["output_dir"])
         print(json.dumps(fl), flush=True)
-        rows[str(n)]["floor"] = fl
-        rows[str(n)]["simulation_over_floor"] = round(rows[str(n)]["sim_wall_s"] / fl["floor_s"], 2)
+        row = rows.setdefault(str(n), {"sim_wall_s": mid["sim_wall_s"]})
+        row["floor"] = fl
+        row["simulation_over_floor"] = round(row["sim_wall_s"] / fl["floor_s"], 2)
+        row["simulation_over_floor_versions"] = round(row["sim_wall_s"] / fl["floor_versions_s"], 2)
 
 
 def checkpoints(result: dict, runs: dict, cache: str, n: int) -> None:
@@ -132,8 +145,12 @@ def main() -> None:
             runs[f"warm_inprocess_5000_{name}"] = [run([*base, *extra], warm_cache) for _ in range(opts.runs)]
     if "scale" in cases:
         scale(result, runs, warm_cache, [int(n) for n in opts.sizes.split(",")], opts.runs)
-    elif "checkpoints" in cases:  # the checkpoint run of `scale` alone, at the largest size
-        checkpoints(result, runs, warm_cache, max(int(n) for n in opts.sizes.split(",")))
+    else:  # parts of `scale` alone (pre-training cached at the sizes)
+        sizes = [int(n) for n in opts.sizes.split(",")]
+        if "checkpoints" in cases:
+            checkpoints(result, runs, warm_cache, max(sizes))
+        if "floor" in cases:
+            floors(result, runs, warm_cache, sizes)
     result["median"] = {case: {k: median(rows, k) for k in ("process_wall_s", "wall_s", "sim_wall_s", "peak_rss_mb")}
                         for case, rows in runs.items()}
     path.write_text(json.dumps(result, indent=2) + "\n")
