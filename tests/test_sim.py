@@ -217,3 +217,11 @@ def test_the_scorer_agrees_with_a_plain_batched_pass(cache, monkeypatch, tmp_pat
     assert (ev[sc.scored] == events[order]).all() and len(events) > 500
     assert np.allclose(sc.ndcg[sc.scored], ndcg[order]) and ndcg.sum() > 0
     assert np.allclose(sc.entropy[sc.scored], entropy[order], atol=1e-5)
+    # Cut at model versions (installs), each piece read with its chunk's context: the same
+    # models give the same scores, in more passes.
+    g = fx.devices[::3]
+    installs = {int(d): np.sort(fx.s.ts[fx.s.split[d]:fx.s.indptr[d + 1]][1::4]) for d in g}
+    _, events_v, ndcg_v, entropy_v = floor(fx, st, installs)
+    order_v = np.argsort(events_v)
+    assert (events_v[order_v] == events[order]).all()
+    assert np.allclose(ndcg_v[order_v], ndcg[order]) and np.allclose(entropy_v[order_v], entropy[order], atol=1e-5)
