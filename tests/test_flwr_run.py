@@ -8,7 +8,9 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -21,6 +23,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def flower_command(name: str) -> str:
+    """Flower's command installed with this Python (its environment need not be on PATH)."""
+    beside = Path(sys.executable).parent / name
+    found = str(beside) if beside.exists() else shutil.which(name)
+    assert found, f"{name} is not installed with {sys.executable} nor on PATH"
+    return found
+
+
 @pytest.fixture
 def superlink(tmp_path):
     """(FLWR_HOME naming it as the default connection, environment) of a SuperLink on loopback."""
@@ -30,8 +40,10 @@ def superlink(tmp_path):
     (home / "config.toml").write_text(f'[superlink]\ndefault = "test"\n\n[superlink.test]\n'
                                       f'address = "127.0.0.1:{port}"\ninsecure = true\n')
     # RAY_ADDRESS=local: the simulation's Ray is its own, whatever else runs on this machine.
-    env = {**os.environ, "FLWR_HOME": str(home), "RAY_ADDRESS": "local"}
-    proc = subprocess.Popen([shutil.which("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
+    # Flower's processes start its other commands from PATH: this Python's first.
+    env = {**os.environ, "FLWR_HOME": str(home), "RAY_ADDRESS": "local",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    proc = subprocess.Popen([flower_command("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
                              "--disable-runtime-dependency-installation", "--host", "127.0.0.1", "--port", str(port)],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
@@ -55,7 +67,7 @@ def test_flwr_run_gives_the_same_summary(tmp_path, cache, superlink, baseline):
     local, _ = baseline
     out = tmp_path / "flwr"
     overrides = " ".join(SMALL)
-    res = subprocess.run([shutil.which("flwr"), "run", str(ROOT), "--stream", "--federation-config",
+    res = subprocess.run([flower_command("flwr"), "run", str(ROOT), "--stream", "--federation-config",
                           "num-supernodes=2", "--run-config", f'overrides="{overrides}" output-dir="{out}"'],
                          env={**superlink, "FL_SIM_CACHE": str(cache)}, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
