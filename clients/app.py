@@ -186,8 +186,8 @@ class ShardActor:
         return self.shard
 
     def save(self, path: str | None = None) -> bytes | None:
-        """The shard's state: into `path` (a folder this node shares with the driver), else as
-        bytes for the driver to write."""
+        """The shard's state: into the file `path` (on a disk this node shares with the driver),
+        else as bytes for the driver to write."""
         if path is not None:
             self._loaded().save(path)
             return None

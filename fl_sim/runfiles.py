@@ -62,7 +62,7 @@ STREAM_ARRAYS = ("item", "ts", "session", "indptr", "split", "n_items")
 @lru_cache(maxsize=4)
 def load_streams(folder: str) -> Streams:
     """The streams, memory-mapped (read-only: nothing may write into them)."""
-    per_event = ("item", "ts", "session")  # per device and the catalogue's size: small, read whole
+    per_event = ("item", "ts", "session")  # mapped; the others (per device, the catalogue's size) are small
     a = {name: np.load(Path(folder) / f"stream_{name}.npy", mmap_mode="r" if name in per_event else None)
          for name in STREAM_ARRAYS}
     return Streams(item=a["item"], ts=a["ts"], session=a["session"], indptr=a["indptr"], split=a["split"],
