@@ -140,17 +140,24 @@ class ShardActor:
         self.mailbox: dict[tuple, Deliveries] = {}
         self.posted = threading.Condition()
         self.shard = None
+        # A threaded actor runs its calls in any order: a rebuild may finish before the first
+        # load does. Once rebuilt, the shard is never replaced by that load's fresh one (it would
+        # silently undo every exchange the rebuilt shard ran since).
+        self.rebuilt = False
+        self.load_error: str | None = None
         self.local: str | None = None  # a node-local copy of the run files, removed by close()
+        self.unpacking = threading.Lock()
 
     def _run_dir(self, run) -> str:
         if isinstance(run, str):
             return run
-        if self.local is None:
-            import tempfile
+        with self.unpacking:  # a load and a rebuild may ask at once: one copy
+            if self.local is None:
+                import tempfile
 
-            from fl_sim import runfiles
+                from fl_sim import runfiles
 
-            self.local = runfiles.unpack(run, tempfile.mkdtemp(prefix=f"fl_sim-shard{self.index}-"))
+                self.local = runfiles.unpack(run, tempfile.mkdtemp(prefix=f"fl_sim-shard{self.index}-"))
         return self.local
 
     def where(self) -> dict:
@@ -168,21 +175,30 @@ class ShardActor:
     def load(self, run) -> None:
         from clients.shard import Shard
 
-        shard = Shard(self._run_dir(run), self.index, self.n_shards)
+        try:
+            shard = Shard(self._run_dir(run), self.index, self.n_shards)
+        except Exception as exc:  # told to whoever waits for the shard, not left to a timeout
+            with self.posted:
+                self.load_error = repr(exc)
+                self.posted.notify_all()
+            raise
         with self.posted:
-            self.shard = shard
+            if not self.rebuilt:
+                self.shard = shard
             self.posted.notify_all()
 
     def rebuild(self, run, checkpoint: bytes | None, entries: list) -> None:
         shard = rebuild_shard(self._run_dir(run), self.index, self.n_shards, checkpoint, entries)
         with self.posted:
-            self.shard = shard
+            self.shard, self.rebuilt, self.load_error = shard, True, None
             self.posted.notify_all()
 
     def _loaded(self, wait_s: float = 600.0):
         with self.posted:
-            if not self.posted.wait_for(lambda: self.shard is not None, timeout=wait_s):
+            if not self.posted.wait_for(lambda: self.shard is not None or self.load_error, timeout=wait_s):
                 raise RuntimeError(f"shard {self.index}: not loaded within {wait_s:.0f} s")
+            if self.shard is None:
+                raise RuntimeError(f"shard {self.index} could not load its run files: {self.load_error}")
         return self.shard
 
     def save(self, path: str | None = None) -> bytes | None:

@@ -215,3 +215,49 @@ def test_rebuilding_needs_checkpoints(tmp_path, cache):
     res = run_module("fl_sim.run", *SMALL, "sim.backend=inprocess", "faults.node_vanish=0.1",
                      f"output_dir={tmp_path / 'x'}", env={"FL_SIM_CACHE": str(cache)})
     assert res.returncode == 2 and "sim.checkpoint_every" in res.stderr
+
+
+def test_a_first_load_finishing_after_a_rebuild_does_not_replace_the_rebuilt_shard(monkeypatch):
+    # A Ray actor runs its calls on threads, in any order: a node lost in round 0 is rebuilt
+    # while the first load may still be reading the run files. The later load must not put a
+    # fresh shard over the rebuilt one (that undid the rebuilt shard's exchanges on clusters).
+    import threading
+
+    import clients.shard
+    from clients.app import ShardActor
+
+    started, release = threading.Event(), threading.Event()
+    made = []
+
+    class SlowFirst:
+        def __init__(self, run_dir, index, n_shards):
+            made.append(self)
+            if len(made) == 1:  # the first load: held until the rebuild is done
+                started.set()
+                release.wait(10)
+
+    monkeypatch.setattr(clients.shard, "Shard", SlowFirst)
+    actor = ShardActor(0, 1)
+    load = threading.Thread(target=actor.load, args=("run",))
+    load.start()
+    assert started.wait(10)
+    actor.rebuild("run", None, [])
+    rebuilt = actor._loaded(1)
+    release.set()
+    load.join(10)
+    assert len(made) == 2 and rebuilt is made[1] and actor._loaded(1) is rebuilt
+
+
+def test_a_shard_that_cannot_load_says_why_instead_of_waiting(monkeypatch):
+    import clients.shard
+    from clients.app import ShardActor
+
+    def broken(run_dir, index, n_shards):
+        raise FileNotFoundError(f"{run_dir}/streams.npy")
+
+    monkeypatch.setattr(clients.shard, "Shard", broken)
+    actor = ShardActor(0, 1)
+    with pytest.raises(FileNotFoundError):
+        actor.load("gone")
+    with pytest.raises(RuntimeError, match="could not load its run files.*streams.npy"):
+        actor._loaded(5)
