@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from clients.state import Devices, Fixed
+from fl_sim.devices import counter_rng
 from fl_sim.devices.budget import device_budgets
 from fl_sim.models import cost
 from fl_sim.models.finetune import finetune_blocks
@@ -24,6 +25,7 @@ from fl_sim.protocol import Requests
 from fl_sim.training import left_pad
 
 FLOAT_BYTES = 4
+_NOISE = 210  # counter_rng streams of the upload defence (210: devices, 211: the attacker's training uploads)
 
 
 @torch.no_grad()
@@ -34,11 +36,9 @@ def build(fx: Fixed, st: Devices, rows: np.ndarray, ends: np.ndarray, t: np.ndar
     g = fx.devices[rows]
     W = model.spec.window
     recent = [fx.ids[max(s.indptr[gi], e - W):e] for gi, e in zip(g, ends)]
-    beta, gate, h = _encode(fx, recent, g, ends)
+    beta_np, h_np = upload_vectors(model, recent, g, ends, int(fx.cfg.seed))
+    h_np = defend(h_np, g, ends, float(fx.cfg.privacy.h_noise), int(fx.cfg.seed))
     L = model.backbone.n_blocks
-    beta_np = beta.numpy() if beta is not None else np.log(np.clip(np.stack([gate.numpy(), 1 - gate.numpy()], -1),
-                                                                   1e-4, 1.0))
-    h_np = h.numpy() if h is not None else np.zeros((len(rows), 0), np.float32)
     max_f, max_p = device_budgets(fx.fleet, fx.cfg.devices, g, t)
     up_bytes = (L * 2 + h_np.shape[1] + user.shape[1] + 2) * FLOAT_BYTES + (L + 7) // 8  # + holds, 1 bit a block
     upload = np.zeros(len(rows)) if first else fx.fleet.transfer_time(g, t, up_bytes, uplink=True)
@@ -56,29 +56,77 @@ def build(fx: Fixed, st: Devices, rows: np.ndarray, ends: np.ndarray, t: np.ndar
     if fx.local_training:
         _start_local_training(fx, st, rows, ends, t, first)
     return Requests(device=g.astype(np.int64), time=np.asarray(t, float), ready_time=t + upload,
-                    beta=beta_np.astype(np.float32), h=h_np.astype(np.float32), user=user.astype(np.float32),
+                    beta=beta_np, h=h_np, user=user.astype(np.float32),
                     max_flops=np.asarray(max_f, float), max_params=np.asarray(max_p, float),
                     first=np.full(len(rows), first), holds=st.holds[rows].copy())
 
 
-def _encode(fx: Fixed, recent: list, g: np.ndarray, ends: np.ndarray):
+@torch.no_grad()
+def upload_vectors(model, recent: list, g: np.ndarray, ends: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(beta [n, L, 2], h [n, H]) a device computes from its recent items (model ids) before
+    global index `ends`: what its request uploads before any defence. Fixed structures send
+    their gate as log-probabilities; H = 0 without a mapper. The cloud's privacy attack
+    (fl_sim.privacy) computes its training uploads here too."""
+    beta, gate, h = _encode(model, recent, g, ends, seed)
+    if beta is None:
+        gate_np = gate.numpy()
+        beta_np = np.log(np.clip(np.stack([gate_np, 1 - gate_np], -1), 1e-4, 1.0))
+    else:
+        beta_np = beta.numpy()
+    h_np = h.numpy() if h is not None else np.zeros((len(recent), 0), np.float32)
+    return beta_np.astype(np.float32), h_np.astype(np.float32)
+
+
+def defend(h: np.ndarray, g: np.ndarray, ends: np.ndarray, sigma: float, seed: int, stream: int = 0) -> np.ndarray:
+    """h as uploaded under the Gaussian defence (`privacy.h_noise`): plus sigma * N(0, 1) per
+    dimension, drawn from counter-based numbers keyed by the device, its position and the
+    dimension (the same noise whichever shard or batch sends it). `stream` 1: the attacker's
+    own draws, for its training uploads."""
+    if sigma <= 0 or h.shape[1] == 0:
+        return h
+    H = h.shape[1]
+    slot = (np.asarray(ends, np.int64)[:, None] * H + np.arange(H)) * 2
+    dev = np.asarray(g, np.int64)[:, None]
+    u1 = counter_rng.uniform(seed, _NOISE + stream, dev, slot)
+    u2 = counter_rng.uniform(seed, _NOISE + stream, dev, slot + 1)
+    z = np.sqrt(-2.0 * np.log1p(-u1)) * np.cos(2.0 * np.pi * u2)  # Box-Muller; 1 - u1 in (0, 1]
+    return (h + sigma * z).astype(np.float32)
+
+
+def _encode(model, recent: list, g: np.ndarray, ends: np.ndarray, seed: int):
     """(beta, gate, h) on the device. A random structure (random_k) draws from a generator keyed
     by the device and its position, so the draw does not depend on who else asked with it."""
-    model, W = fx.model, fx.model.spec.window
+    W = model.spec.window
     if model.controller is None and model.spec.structure == "random_k":
-        parts = [model.encode(left_pad([r], W), torch.Generator().manual_seed(int(fx.cfg.seed) * 1_000_003
+        parts = [model.encode(left_pad([r], W), torch.Generator().manual_seed(seed * 1_000_003
                                                                              + int(gi) * 7919 + int(e)))
                  for r, gi, e in zip(recent, g, ends)]
         beta = None
         gate = torch.cat([p[1] for p in parts])
         h = torch.cat([p[2] for p in parts]) if parts[0][2] is not None else None
         return beta, gate, h
-    # In chunks: every device asks at deployment, and one pass over all of a shard's devices
-    # would hold their controller's and extractor's activations at once.
-    chunk = 4096
-    parts = [model.encode(left_pad(recent[c:c + chunk], W)) for c in range(0, max(len(recent), 1), chunk)]
-    beta, gate, h = (None if parts[0][i] is None else torch.cat([p[i] for p in parts]) for i in range(3))
-    return beta, gate, h
+    # Rows of one length at a time, unpadded: the controller's and extractor's GRUs would read
+    # padding too, and a device's upload must not depend on who else asked with it. In chunks:
+    # every device asks at deployment, and one pass over all of a shard's devices would hold
+    # their activations at once.
+    out: list = [None, None, None]
+    for rows in same_length(recent, W) or [np.zeros(0, np.int64)]:
+        parts = model.encode(left_pad([recent[i] for i in rows], W))
+        for i, part in enumerate(parts):
+            if part is not None:
+                if out[i] is None:
+                    out[i] = part.new_zeros((len(recent), *part.shape[1:]))
+                out[i][torch.from_numpy(rows)] = part
+    return tuple(out)
+
+
+def same_length(seqs: list, width: int, chunk: int = 4096) -> list[np.ndarray]:
+    """Indices of `seqs` in groups of one length (cut at `width`), at most `chunk` each."""
+    lengths = np.minimum([len(q) for q in seqs], width)
+    order = np.argsort(lengths, kind="stable")
+    cuts = np.flatnonzero(np.diff(lengths[order])) + 1
+    return [part for group in np.split(order, cuts) if len(group)
+            for part in np.split(group, range(chunk, len(group), chunk))]
 
 
 def _encode_flops(fx: Fixed) -> float:

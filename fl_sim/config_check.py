@@ -56,6 +56,12 @@ RANGES: dict[str, tuple] = {
     "faults.max_download_attempts": (1, None, True, True),
     "faults.cloud_capacity": (0, None, False, False),
     "faults.cloud_queue": (0, None, True, True),
+    "privacy.h_noise": (0, None, True, False),
+    "privacy.train_windows": (1, None, True, True),
+    "privacy.max_uploads": (1, None, True, True),
+    "privacy.epochs": (1, None, True, True),
+    "privacy.hidden": (1, None, True, True),
+    "privacy.lr": (0, None, False, False),
 }
 
 

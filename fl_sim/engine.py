@@ -94,7 +94,7 @@ class Recorder:
     """
 
     def __init__(self, cloud, sched: Schedule, n_shards: int, n_blocks: int, max_shard_failures: int = 5,
-                 rebuildable: bool = False):
+                 rebuildable: bool = False, keep_uploads: bool = False):
         self.cloud, self.sched, self.n_shards, self.n_blocks = cloud, sched, n_shards, n_blocks
         self.max_shard_failures = max_shard_failures
         self.pending = cloud.empty_deliveries()
@@ -117,6 +117,8 @@ class Recorder:
         self.rebuild = None  # rebuild(shard, checkpoint_dir, entries), set by the backend
         self.nodes_lost = self.rounds_replayed = 0
         self.request_log: list[tuple[np.ndarray, np.ndarray]] = []  # (device, time) of each exchange's requests
+        # (beta, h, user) each of those requests uploaded, when kept (privacy.log_uploads)
+        self.upload_log: list[tuple[np.ndarray, np.ndarray, np.ndarray]] | None = [] if keep_uploads else None
         self.progress = None
         self.on_round_end = None  # called with each round's index once it is collected (checkpoints)
         self._row: dict | None = None
@@ -206,6 +208,8 @@ class Recorder:
         asked = ~requests.first
         if asked.any():
             self.request_log.append((requests.device[asked], requests.time[asked]))
+            if self.upload_log is not None:
+                self.upload_log.append((requests.beta[asked], requests.h[asked], requests.user[asked]))
         self.pending = self.cloud.answer(requests)
         kind, t0, t1, _ = window
         if self._row is None:
@@ -241,7 +245,7 @@ class Recorder:
 
     # ---- checkpoints (fl_sim.resume) --------------------------------------------------------
     STATE = ("pending", "rounds", "tables", "installs", "failed_shards", "failures_in_row", "carry", "request_log",
-             "nodes_lost", "rounds_replayed")
+             "upload_log", "nodes_lost", "rounds_replayed")
 
     def state(self) -> dict:
         return {"recorder": {k: getattr(self, k) for k in self.STATE}, "cloud": self.cloud.state()}
@@ -257,6 +261,12 @@ class Recorder:
             return {"device": np.zeros(0, np.int64), "time": np.zeros(0)}
         return {"device": np.concatenate([d for d, _ in self.request_log]),
                 "time": np.concatenate([t for _, t in self.request_log])}
+
+    def upload_table(self) -> dict[str, np.ndarray] | None:
+        """What each request of `request_table()` uploaded (same rows), when kept."""
+        if self.upload_log is None or not self.upload_log:
+            return None
+        return {name: np.concatenate([u[i] for u in self.upload_log]) for i, name in enumerate(("beta", "h", "user"))}
 
     def device_table(self) -> dict[str, np.ndarray]:
         tables = [self.tables[s] for s in sorted(self.tables)]

@@ -140,7 +140,7 @@ def _simulate(cfg: DictConfig, out: Path, n_shards: int, backends: list, start: 
     cloud = Cloud(str(run_dir))
     every = int(cfg.sim.checkpoint_every)
     rec = Recorder(cloud, sched, n_shards, model.backbone.n_blocks, int(cfg.faults.max_shard_failures),
-                   rebuildable=every > 0)
+                   rebuildable=every > 0, keep_uploads=bool(cfg.privacy.log_uploads))
     if resume_from is not None:
         backend.restore_shards(str(resume_from))
         rec.restore(resume.load_state(resume_from / "recorder.pt"))
@@ -192,6 +192,9 @@ def write_results(cfg, out: Path, rec: Recorder, s: runfiles.Streams, shifts: pd
     requests = pd.DataFrame(rec.request_table())
     requests["event"] = stream_ordinal(s, requests["device"].to_numpy(), requests["time"].to_numpy())
     requests.to_parquet(out / "requests.parquet", index=False)
+    uploads = rec.upload_table()
+    if uploads is not None:  # privacy.log_uploads: what the cloud received, row for row
+        np.savez(out / "uploads.npz", **uploads)
     pd.DataFrame({"device": installs[:, 0].astype(np.int64), "request_time": installs[:, 1],
                   "install_time": installs[:, 2]}).to_parquet(out / "installs.parquet", index=False)
     if shifts is not None:  # ground truth of synthetic data: when each device's interests moved
