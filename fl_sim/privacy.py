@@ -1,0 +1,329 @@
+"""`python -m fl_sim.privacy dataset=... method=... output_dir=DIR`: what an honest-but-curious
+cloud learns about a device's items from what the device uploads.
+
+Forward-OFA's privacy argument is that a request carries only the structure beta and the
+interest h (here also the user vector the cloud retrieves candidates with), never item ids.
+This command tests it:
+1. the fleet runs as `python -m fl_sim.run` would, with `privacy.log_uploads=true` and the
+   configured defence (`privacy.h_noise`): DIR/fleet/ holds its results and every upload the
+   cloud received, row for row with requests.parquet;
+2. the cloud trains an inversion model on the history it holds legitimately (before T0): it
+   computes, with its own copy of the device-side models, the upload a device would send for
+   sampled history windows (the defence's noise included: the protocol is public), and learns
+   to map it back to the window's items and to the next item;
+3. it attacks every upload of the real-time stream (`privacy.max_uploads`, a sample if more)
+   and scores what it recovers against the truth the simulator knows, beside two attacks
+   without any upload: item popularity, and the cloud's shared model over the device's history.
+
+Writes DIR/privacy.json.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import hydra
+import numpy as np
+import pandas as pd
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from fl_sim.cli import CONF_DIR, friendly_errors, output_dir, write_json
+from fl_sim.config_check import check_ranges
+from fl_sim.errors import ConfigError, FlSimError
+from fl_sim.training import left_pad
+
+K = 10  # recall@K and NDCG@K
+# The upload fields each attack reads, per method: every field the method's request carries
+# that varies between devices (a fixed structure's beta does not), alone and together.
+ATTACKS = {
+    "forward_ofa": [("beta",), ("h",), ("beta", "h"), ("user",), ("beta", "h", "user")],
+    "duet": [("h",), ("user",), ("h", "user")],
+    "device_rec": [("user",)],
+}
+
+
+# ---- what the simulator knows: each upload's truth -------------------------------------------
+def windows_at(item: np.ndarray, indptr: np.ndarray, device: np.ndarray, ends: np.ndarray,
+               window: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each (device, ends): its last `window` items before global index `ends` ([n, window]
+    dataset ids, -1 padding on the left) and the item at `ends` (-1 past the device's last)."""
+    device, ends = np.asarray(device, np.int64), np.asarray(ends, np.int64)
+    out = np.full((len(device), window), -1, np.int64)
+    for r, (d, e) in enumerate(zip(device, ends)):
+        w = item[max(indptr[d], e - window):e]
+        if len(w):
+            out[r, window - len(w):] = w
+    nxt = np.where(ends < indptr[device + 1], item[np.minimum(ends, len(item) - 1)], -1).astype(np.int64)
+    return out, nxt
+
+
+def request_ends(split: np.ndarray, device: np.ndarray, event: np.ndarray) -> np.ndarray:
+    """Global index one past the last event a request saw (requests.parquet's `event` counts
+    the device's stream events seen, the one that triggered the request included)."""
+    return np.asarray(split, np.int64)[device] + np.asarray(event, np.int64)
+
+
+def history_positions(indptr: np.ndarray, split: np.ndarray, n: int, rng: np.random.Generator):
+    """Up to n (device, ends) drawn uniformly from every history position that has at least
+    one item before it and its next item still in the history."""
+    lo, hi = indptr[:-1] + 1, split  # ends in [lo, hi): a window before, its next item inside the history
+    count = np.maximum(hi - lo, 0)
+    total = int(count.sum())
+    if total == 0:
+        raise FlSimError("no device has two or more history events: nothing to train an inversion model on")
+    pick = np.sort(rng.choice(total, size=min(n, total), replace=False))
+    starts = np.concatenate([[0], np.cumsum(count)])
+    device = np.searchsorted(starts, pick, side="right") - 1
+    return device, lo[device] + (pick - starts[device])
+
+
+# ---- what the cloud computes for its training uploads ----------------------------------------
+@torch.no_grad()
+def cloud_uploads(model, item: np.ndarray, indptr: np.ndarray, device: np.ndarray, ends: np.ndarray,
+                  seed: int, h_noise: float, batch: int = 256) -> dict[str, np.ndarray]:
+    """The uploads devices would send at (device, ends), computed by the cloud with its own
+    copy of the device-side models (clients.outbox, the code devices run): beta and h from
+    the last `window` items, h under the defence (the attacker's own noise draws), and the
+    user vector of a model generated for that window over the last `maxlen` items."""
+    from clients import outbox
+
+    model.eval()
+    W, T = model.spec.window, model.backbone.maxlen
+    recent = [item[max(indptr[d], e - W):e].astype(np.int64) + 1 for d, e in zip(device, ends)]
+    beta, h = outbox.upload_vectors(model, recent, device, ends, seed)
+    h = outbox.defend(h, device, ends, h_noise, seed, stream=1)
+    user = np.zeros((len(device), model.backbone.d), np.float32)
+    for part in outbox.same_length(recent, W, batch):  # unpadded windows, as devices encode them
+        seqs = [item[max(indptr[d], e - T):e].astype(np.int64) + 1 for d, e in zip(device[part], ends[part])]
+        hidden, _, _ = model(left_pad(seqs, T), left_pad([recent[i] for i in part], W))
+        user[part] = hidden[:, -1].numpy()
+    return {"beta": beta.reshape(len(device), -1), "h": h, "user": user}
+
+
+def features(uploads: dict[str, np.ndarray], fields: tuple) -> np.ndarray:
+    return np.concatenate([uploads[f].reshape(len(uploads[f]), -1) for f in fields], axis=1).astype(np.float32)
+
+
+# ---- the inversion model ---------------------------------------------------------------------
+class Inversion(nn.Module):
+    """An upload (standardised) to scores over the catalogue: one head for the items of the
+    window behind it, one for the next item."""
+
+    def __init__(self, n_in: int, n_items: int, hidden: int, mean: np.ndarray, std: np.ndarray):
+        super().__init__()
+        self.register_buffer("mean", torch.from_numpy(mean))
+        self.register_buffer("std", torch.from_numpy(std))
+        self.trunk = nn.Sequential(nn.Linear(n_in, hidden), nn.ReLU(), nn.Dropout(0.1),
+                                   nn.Linear(hidden, hidden), nn.ReLU(), nn.Dropout(0.1))
+        self.window_head = nn.Linear(hidden, n_items)
+        self.next_head = nn.Linear(hidden, n_items)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z = self.trunk((x - self.mean) / self.std)
+        return self.window_head(z), self.next_head(z)
+
+
+def fit_inversion(x: np.ndarray, windows: np.ndarray, nxt: np.ndarray, n_items: int, hidden: int = 256,
+                  epochs: int = 10, lr: float = 1e-3, seed: int = 0, batch: int = 256) -> Inversion:
+    """Trained on (upload, window items, next item): cross-entropy of the window head against
+    the window's items (each distinct item an equal share), plus the next item's."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    std = x.std(0)
+    inv = Inversion(x.shape[1], n_items, hidden, x.mean(0), np.where(std > 1e-6, std, 1.0).astype(np.float32))
+    target = np.zeros((len(x), n_items), np.float32)
+    rows, cols = np.nonzero(windows >= 0)
+    target[rows, windows[rows, cols]] = 1.0
+    target /= np.maximum(target.sum(1, keepdims=True), 1.0)
+    X, Y, N = torch.from_numpy(x), torch.from_numpy(target), torch.from_numpy(nxt)
+    opt = torch.optim.Adam(inv.parameters(), lr=lr)
+    inv.train()
+    for _ in range(epochs):
+        for idx in np.array_split(rng.permutation(len(x)), max(1, len(x) // batch)):
+            idx = torch.from_numpy(idx)
+            w_logits, n_logits = inv(X[idx])
+            loss = -(Y[idx] * torch.log_softmax(w_logits, -1)).sum(-1).mean()
+            has_next = N[idx] >= 0
+            if has_next.any():
+                loss = loss + nn.functional.cross_entropy(n_logits[has_next], N[idx][has_next])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return inv.eval()
+
+
+@torch.no_grad()
+def invert(inv: Inversion, x: np.ndarray, batch: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+    parts = [inv(torch.from_numpy(x[b:b + batch])) for b in range(0, len(x), batch)]
+    return torch.cat([p[0] for p in parts]).numpy(), torch.cat([p[1] for p in parts]).numpy()
+
+
+# ---- how much it recovers --------------------------------------------------------------------
+def _discounts(k: int) -> np.ndarray:
+    return 1.0 / np.log2(np.arange(2, k + 2))
+
+
+def recovery(scores: np.ndarray, relevant: np.ndarray, k: int = K) -> dict[str, float]:
+    """Mean recall@k and NDCG@k of ranking the catalogue by `scores` [n, items] against each
+    row's relevant items (`relevant` [n, m], -1 padding; repeats count once). Recall@k is the
+    share of the relevant items found in the top k, out of at most k; rows without a relevant
+    item are left out. Ties in the scores rank the lower item id first."""
+    rel = _relevance(scores.shape[1], relevant)
+    n_rel = rel.sum(1)
+    keep = n_rel > 0
+    if not keep.any():
+        return {"recall": float("nan"), "ndcg": float("nan"), "n": 0}
+    scores, rel, n_rel = scores[keep], rel[keep], n_rel[keep]
+    top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    hits = np.take_along_axis(rel, top, axis=1)
+    disc = _discounts(k)
+    ideal = np.cumsum(disc)[np.minimum(n_rel, k) - 1]
+    return {"recall": float((hits.sum(1) / np.minimum(n_rel, k)).mean()),
+            "ndcg": float(((hits * disc).sum(1) / ideal).mean()), "n": int(keep.sum())}
+
+
+def membership_auc(scores: np.ndarray, relevant: np.ndarray, chunk: int = 256) -> float:
+    """Mean over rows of the AUC of telling a row's relevant items from every other item of the
+    catalogue by `scores` (ties count one half): the probability that a random member scores
+    above a random non-member."""
+    rel = _relevance(scores.shape[1], relevant)
+    aucs = []
+    for b in range(0, len(scores), chunk):
+        s, r = torch.from_numpy(scores[b:b + chunk]).double(), torch.from_numpy(rel[b:b + chunk])
+        for i in range(len(s)):
+            pos = s[i][r[i]]
+            neg = s[i][~r[i]]
+            if len(pos) == 0 or len(neg) == 0:
+                continue
+            neg_sorted = torch.sort(neg).values
+            below = torch.searchsorted(neg_sorted, pos, right=False)
+            tied = torch.searchsorted(neg_sorted, pos, right=True) - below
+            aucs.append(float((below + 0.5 * tied).sum()) / (len(pos) * len(neg)))
+    return float(np.mean(aucs)) if aucs else float("nan")
+
+
+def _relevance(n_items: int, relevant: np.ndarray) -> np.ndarray:
+    rel = np.zeros((len(relevant), n_items), bool)
+    rows, cols = np.nonzero(relevant >= 0)
+    rel[rows, relevant[rows, cols]] = True
+    return rel
+
+
+def evaluate(window_scores: np.ndarray, next_scores: np.ndarray, windows: np.ndarray, nxt: np.ndarray) -> dict:
+    w, n = recovery(window_scores, windows), recovery(next_scores, nxt[:, None])
+    return {"window_recall10": w["recall"], "window_ndcg10": w["ndcg"],
+            "next_recall10": n["recall"], "next_ndcg10": n["ndcg"],
+            "membership_auc": membership_auc(window_scores, windows)}
+
+
+# ---- the command -----------------------------------------------------------------------------
+def attack(cfg: DictConfig, out: Path) -> dict:
+    from fl_sim.data import build_streams, load_dataset, select_devices
+    from fl_sim.pretrain import pretrained
+    from fl_sim.run import simulate
+
+    method = cfg.method.name
+    if method not in ATTACKS:
+        raise ConfigError(f"fl_sim.privacy attacks the uploads of {', '.join(ATTACKS)}; method={method} has no attack "
+                          "here (diet: not yet a method)")
+    p = cfg.privacy
+    start = time.perf_counter()
+    fleet_cfg = OmegaConf.merge(cfg, {"privacy": {"log_uploads": True}})
+    fleet = simulate(fleet_cfg, out / "fleet")
+    requests = pd.read_parquet(out / "fleet" / "requests.parquet")
+    logged = dict(np.load(out / "fleet" / "uploads.npz"))
+    if len(requests) == 0:
+        raise FlSimError("the fleet made no request after deployment: there is no upload to attack")
+
+    # The data and the cloud's model, as the run had them (the model from the pre-training cache).
+    inter, _ = load_dataset(cfg.dataset, num_clients=cfg.num_clients, seed=cfg.seed, cache_dir=cfg.cache_dir)
+    streams = build_streams(select_devices(inter, cfg.num_clients, cfg.seed), cfg.streams, cfg.seed)
+    model, _, _ = pretrained(cfg, streams)
+    item, indptr, split = streams.inter.item.astype(np.int64), streams.inter.indptr, streams.split
+    n_items, W, seed = streams.inter.n_items, model.spec.window, int(cfg.seed)
+    rng = np.random.default_rng(seed)
+
+    # The real-time uploads and their truth.
+    rows = np.sort(rng.choice(len(requests), size=min(int(p.max_uploads), len(requests)), replace=False))
+    device = requests["device"].to_numpy()[rows]
+    ends = request_ends(split, device, requests["event"].to_numpy()[rows])
+    uploads = {k: v[rows].reshape(len(rows), -1) for k, v in logged.items()}
+    windows, nxt = windows_at(item, indptr, device, ends, W)
+    check = _check_alignment(model, item, indptr, device, ends, uploads, seed, float(p.h_noise))
+
+    # The cloud's training uploads, from the history it holds.
+    t = time.perf_counter()
+    h_dev, h_ends = history_positions(indptr, split, int(p.train_windows), rng)
+    train = cloud_uploads(model, item, indptr, h_dev, h_ends, seed, float(p.h_noise))
+    train_windows, train_next = windows_at(item, indptr, h_dev, h_ends, W)
+    upload_s = time.perf_counter() - t
+
+    rows_out = []
+    for fields in ATTACKS[method]:
+        t = time.perf_counter()
+        inv = fit_inversion(features(train, fields), train_windows, train_next, n_items, int(p.hidden),
+                            int(p.epochs), float(p.lr), seed)
+        w_scores, n_scores = invert(inv, features(uploads, fields))
+        rows_out.append({"attack": "upload", "uses": "+".join(fields), **evaluate(w_scores, n_scores, windows, nxt),
+                         "train_s": time.perf_counter() - t})
+    for name, scores in _baselines(model, item, indptr, split, device, n_items).items():
+        rows_out.append({"attack": name, "uses": "no upload", **evaluate(scores, scores, windows, nxt)})
+
+    result = {"method": method, "dataset": cfg.dataset.name, "model": cfg.model.kind, "seed": seed,
+              "h_noise": float(p.h_noise), "window": W,
+              "fleet": {k: fleet[k] for k in ("ndcg10", "hit10", "requests", "num_devices", "bytes_up")},
+              "uploads_attacked": int(len(rows)), "uploads_total": int(len(requests)),
+              "train_windows": int(len(h_dev)), "alignment": check, "rows": rows_out,
+              "train_uploads_s": upload_s, "wall_s": time.perf_counter() - start}
+    write_json(out / "privacy.json", result)
+    return result
+
+
+def _check_alignment(model, item, indptr, device, ends, uploads, seed, h_noise) -> dict:
+    """The logged uploads recomputed from the truth windows (the devices' own noise draws):
+    they must match, or the truth is not what the devices read."""
+    from clients import outbox
+
+    n = min(len(device), 500)
+    recent = [item[max(indptr[d], e - model.spec.window):e].astype(np.int64) + 1
+              for d, e in zip(device[:n], ends[:n])]
+    beta, h = outbox.upload_vectors(model, recent, device[:n], ends[:n], seed)
+    h = outbox.defend(h, device[:n], ends[:n], h_noise, seed)
+    diff = max(float(np.abs(beta.reshape(n, -1) - uploads["beta"][:n]).max(initial=0.0)),
+               float(np.abs(h - uploads["h"][:n]).max(initial=0.0)))
+    if diff > 1e-3:
+        raise FlSimError(f"the logged uploads differ from those recomputed from the stream (max {diff:.3g}): "
+                         "the attack's truth would be wrong")
+    return {"checked": n, "max_abs_diff": diff}
+
+
+@torch.no_grad()
+def _baselines(model, item, indptr, split, device, n_items, batch: int = 256) -> dict[str, np.ndarray]:
+    """Attacks without any upload: item popularity in the history, and the cloud's shared
+    model over the device's history (all blocks, shared weights), scoring the catalogue."""
+    hist = np.concatenate([item[indptr[d]:split[d]] for d in range(len(split))])
+    popularity = np.bincount(hist, minlength=n_items).astype(np.float32)
+    bb, T = model.backbone, model.backbone.maxlen
+    scores = np.zeros((len(device), n_items), np.float32)
+    for b in range(0, len(device), batch):
+        seqs = [item[max(indptr[d], split[d] - T):split[d]].astype(np.int64) + 1 for d in device[b:b + batch]]
+        scores[b:b + batch] = bb.scores(bb(left_pad(seqs, T))[:, -1]).numpy()
+    return {"popularity": np.broadcast_to(popularity, (len(device), n_items)), "history model": scores}
+
+
+@hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="config")
+@friendly_errors
+def main(cfg: DictConfig) -> None:
+    check_ranges(cfg)
+    out = output_dir()
+    res = attack(cfg, out)
+    print(json.dumps({r["attack"] + " " + r["uses"]: round(r["window_recall10"], 4) for r in res["rows"]}))
+    print(f"privacy.json -> {out}")
+
+
+if __name__ == "__main__":
+    main()
