@@ -36,13 +36,51 @@ def block_report(res: EvalResult, n_blocks: int) -> dict:
     }
 
 
+def user_groups(dcfg: DictConfig, info: dict, data: OfflineData) -> dict[str, np.ndarray] | None:
+    """The evaluated users as {"all", "complete", "gap"} masks from the data set's `gap_users`
+    list (users whose item before the test item is missing from the data), or None without one."""
+    name = dcfg.get("gap_users")
+    if not name:
+        return None
+    if not info.get("path"):
+        raise ConfigError(f"dataset.gap_users={name} needs the data set's file (dataset.path)")
+    source = Path(info["path"])
+    path = Path(name).expanduser()
+    if not path.is_absolute():
+        path = (source if source.is_dir() else source.parent) / path
+    if not path.is_file():
+        raise ConfigError(f"dataset.gap_users: {path} not found (null: evaluate without the list)")
+    listed = {line.strip() for line in path.read_text().splitlines() if line.strip()}
+    ids = np.asarray(data.inter.user_ids)[data.split.users].astype(str)
+    gap = np.isin(ids, np.array(sorted(listed)))
+    unmatched = len(listed) - int(gap.sum())
+    if unmatched:
+        raise ConfigError(f"dataset.gap_users: {unmatched} of the {len(listed)} users in {path} are not evaluated "
+                          "users of this data set (another file's list?)")
+    return {"all": np.ones(len(ids), bool), "complete": ~gap, "gap": gap}
+
+
+def by_users(res: EvalResult, groups: dict[str, np.ndarray] | None) -> dict:
+    """Test NDCG@10 and Hit@10 per user group (a hit: the target in the top 10, NDCG > 0)."""
+    if groups is None:
+        return {"all": {"ndcg10": res.ndcg10, "hit10": res.hit10, "users": res.users}}
+    return {name: {"ndcg10": float(res.per_user_ndcg[m].mean()), "hit10": float((res.per_user_ndcg[m] > 0).mean()),
+                   "users": int(m.sum())} for name, m in groups.items()}
+
+
 def train_and_evaluate(cfg: DictConfig) -> dict:
     check_ranges(cfg)
     if cfg.eval.payload not in PRECISIONS:
         raise ConfigError(f"eval.payload must be one of {list(PRECISIONS)}, got {cfg.eval.payload!r}")
+    if cfg.eval.users not in ("all", "complete"):
+        raise ConfigError(f"eval.users must be all or complete, got {cfg.eval.users!r}")
     torch.manual_seed(cfg.seed)
     inter, info = load_dataset(cfg.dataset, num_clients=cfg.num_clients, seed=cfg.seed, cache_dir=cfg.cache_dir)
     data = OfflineData(inter)
+    groups = user_groups(cfg.dataset, info, data)
+    if cfg.eval.users == "complete" and groups is None:
+        raise ConfigError(f"eval.users=complete needs a list of users with a gap (dataset.gap_users); "
+                          f"dataset={cfg.dataset.name} has none: every user is complete")
     model = build_model(cfg.model, cfg.method, data.n_items)
     fp = checkpoint.fingerprint(cfg, data.n_items)
     out = output_dir()
@@ -72,10 +110,13 @@ def train_and_evaluate(cfg: DictConfig) -> dict:
                         seed=cfg.seed, payload=cfg.eval.payload)
     bb = model.backbone
     full = list(range(bb.n_blocks))
+    groups_out = by_users(test, groups)
+    headline = groups_out[cfg.eval.users]
     metrics = {
         "dataset": cfg.dataset.name, "model": cfg.model.kind, "method": cfg.method.name,
-        "protocol": cfg.eval.protocol, "payload": cfg.eval.payload,
-        "ndcg10": test.ndcg10, "hit10": test.hit10, "users": test.users,
+        "protocol": cfg.eval.protocol, "payload": cfg.eval.payload, "eval_users": cfg.eval.users,
+        "ndcg10": headline["ndcg10"], "hit10": headline["hit10"], "users": headline["users"],
+        "by_users": groups_out,  # test NDCG@10 / Hit@10 over all users, and the complete and gap ones apart
         "flops": test.flops, "params": test.params, "device_train_flops": device_train_flops, "shipped_params": test.shipped_params,
         "flops_ratio_full": test.flops / cost.inference_flops(bb, full),
         "params_ratio_full": test.params / cost.model_params(bb, full),

@@ -91,3 +91,56 @@ def test_checkpoint_from_another_config_is_refused(ml100k, tmp_path):
     path.write_bytes(b"not a checkpoint")
     with pytest.raises(checkpoint.CheckpointError, match="not a readable"):
         checkpoint.load(path, fresh, checkpoint.fingerprint(cfg_a, data.n_items))
+
+
+def test_the_gap_list_splits_ml1m_users_as_its_readme_says(shared_data, tmp_path):
+    from fl_sim.train import by_users, user_groups
+    from fl_sim.training import EvalResult
+
+    cfg = make_cfg("dataset=ml1m_sas", f"dataset.path={shared_data / 'ml-1m' / 'ml-1m-sas.txt.gz'}")
+    inter, info = load_dataset(cfg.dataset, 10**6, 0, tmp_path)
+    groups = user_groups(cfg.dataset, info, OfflineData(inter))
+    assert groups["gap"].sum() == 2779 and groups["complete"].sum() == 3261 and groups["all"].sum() == 6040
+    # by hand: NDCG 1, 0, 0.5, 0 for four users, the middle two with a gap
+    res = EvalResult(ndcg10=0.375, hit10=0.5, users=4, per_user_ndcg=np.array([1.0, 0.0, 0.5, 0.0]),
+                     gates=np.ones((4, 1)), kept_blocks=np.ones(4, int), block_usage=np.ones(1))
+    gap = np.array([False, True, True, False])
+    got = by_users(res, {"all": np.ones(4, bool), "complete": ~gap, "gap": gap})
+    assert got["complete"] == {"ndcg10": 0.5, "hit10": 0.5, "users": 2}
+    assert got["gap"] == {"ndcg10": 0.25, "hit10": 0.5, "users": 2}
+    assert got["all"]["ndcg10"] == 0.375
+
+
+def _sas_file(folder, gaps):
+    rng = np.random.default_rng(0)
+    lines = [f"{u} {i}" for u in range(1, 41) for i in rng.integers(1, 60, 25)]
+    (folder / "sas.txt").write_text("\n".join(lines) + "\n")
+    (folder / "gap_users.txt").write_text("\n".join(str(u) for u in gaps) + "\n")
+    return folder / "sas.txt"
+
+
+def test_train_reports_complete_users_apart(tmp_path):
+    path = _sas_file(tmp_path, range(1, 11))
+    out = tmp_path / "run"
+    common = ["dataset=ml1m_sas", f"dataset.path={path}", "method=device_rec", "model.n_blocks=1", "model.d=16",
+              "model.maxlen=20", "train.max_epochs=1"]
+    res = run_module("fl_sim.train", *common, "eval.users=complete", f"output_dir={out}",
+                     env={"FL_SIM_CACHE": str(tmp_path / "c")})
+    assert res.returncode == 0, res.stderr[-2000:]
+    m = json.loads((out / "metrics.json").read_text())
+    groups = m["by_users"]
+    assert m["eval_users"] == "complete" and m["users"] == groups["complete"]["users"] == 30
+    assert groups["gap"]["users"] == 10 and groups["all"]["users"] == 40
+    assert m["ndcg10"] == groups["complete"]["ndcg10"]
+    assert groups["all"]["ndcg10"] * 40 == pytest.approx(groups["complete"]["ndcg10"] * 30
+                                                          + groups["gap"]["ndcg10"] * 10)
+
+    _sas_file(tmp_path, [1, 2, 999])  # a list from another file
+    res = run_module("fl_sim.train", *common, f"output_dir={tmp_path / 'bad'}", env={"FL_SIM_CACHE": str(tmp_path / "c")})
+    assert res.returncode != 0 and "1 of the 3 users" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_complete_users_need_a_gap_list(shared_data, tmp_path):
+    res = run_module("fl_sim.train", "dataset=ml100k", f"dataset.path={shared_data / 'ml-100k'}", "eval.users=complete",
+                     f"output_dir={tmp_path / 'run'}", env={"FL_SIM_CACHE": str(tmp_path / "c")})
+    assert res.returncode != 0 and "eval.users=complete needs a list" in res.stderr and "Traceback" not in res.stderr

@@ -13,7 +13,7 @@ from fl_sim import __version__
 from fl_sim.errors import FlSimError
 
 FORMAT = 1  # bump when the saved layout or a model's parameters change meaning
-_NOT_CONTENT = ("path", "download", "cache")  # where the data lives, not what it is
+_NOT_CONTENT = ("path", "download", "cache", "gap_users")  # where the data lives, not what it is
 
 
 class CheckpointError(FlSimError):

@@ -1,0 +1,127 @@
+"""The offline reproduction table (full ranking, leave-last-out).
+
+    python benchmarks/reproduce.py [--dataset ml1m_sas] [--model sasrec] [--methods device_rec forward_ofa ...]
+                                   [--seeds 0 1 2] [--max-minutes 30] [--minutes-for forward_ofa=25]
+                                   [--extra key=value ...] [--tag " (label)"]
+
+Trains each method with `python -m fl_sim.train` (early stopping on the validation item,
+capped at --max-minutes), then, after `forward_ofa`, a depth-matched `device_rec` with as many
+blocks as forward_ofa keeps on average. Each row of benchmarks/results/reproduction.json names
+its method, model, data set, seeds, cap and the overrides it ran with (the command that
+reproduces it); rows of earlier invocations are kept, a row of the same name and data set is
+replaced. Prints a Markdown table beside the paper's numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = Path(os.environ.get("FL_SIM_SHARED", ROOT.parent / "shared")) / "data"
+DATA = {"ml1m_sas": SHARED / "ml-1m/ml-1m-sas.txt.gz", "beauty": SHARED / "beauty/Beauty.txt"}
+RESULTS = ROOT / "benchmarks/results/reproduction.json"
+METHODS = ["device_rec", "forward_ofa", "forward_ofa_no_struct", "controller_only", "duet", "first_k", "last_k",
+           "random_k", "finetune"]
+PAPER = {  # SASRec, ML-1M, NDCG@10 / Hit@10 (Forward-OFA paper, Tables 1-3)
+    ("ml1m_sas", "sasrec", "device_rec"): (0.0969, 0.1816), ("ml1m_sas", "sasrec", "controller_only"): (0.0946, 0.1765),
+    ("ml1m_sas", "sasrec", "duet"): (0.1140, 0.2050), ("ml1m_sas", "sasrec", "forward_ofa_no_struct"): (0.1166, 0.2068),
+    ("ml1m_sas", "sasrec", "forward_ofa"): (0.1182, 0.2081), ("ml1m_sas", "sasrec", "first_k"): (0.0174, None),
+    ("ml1m_sas", "nextitnet", "device_rec"): (0.0975, 0.1846), ("ml1m_sas", "nextitnet", "forward_ofa"): (0.1226, 0.2140),
+}
+MEAN_KEYS = ("ndcg10", "hit10", "valid_ndcg10", "flops", "params", "shipped_params", "kept_blocks_mean", "train_s")
+
+
+def command(dataset: str, model: str, method: str, seed: int, minutes: float, overrides: list[str]) -> list[str]:
+    path = os.path.relpath(DATA[dataset], ROOT)  # run from the project's folder
+    return ["python", "-m", "fl_sim.train", f"dataset={dataset}", f"dataset.path={path}", f"model={model}",
+            f"method={method}", f"seed={seed}", f"train.max_minutes={minutes}", *overrides]
+
+
+def train(dataset: str, model: str, method: str, seed: int, minutes: float, overrides: list[str]) -> dict:
+    out = Path(tempfile.mkdtemp(prefix=f"{method}-{seed}-"))
+    cmd = command(dataset, model, method, seed, minutes, overrides)
+    print("+", " ".join(cmd[2:]), flush=True)
+    subprocess.run([sys.executable, *cmd[1:], f"output_dir={out}"], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    metrics = json.loads((out / "metrics.json").read_text())
+    metrics.pop("history", None)
+    return metrics
+
+
+def row(name: str, dataset: str, model: str, method: str, minutes: float, overrides: list[str],
+        runs: list[dict]) -> dict:
+    """One table row: what ran (method, model, data set, seeds, cap, overrides, the command of
+    its first seed) and its metrics, averaged over the seeds."""
+    seeds = [r["seed"] for r in runs]
+    out = {"name": name, "method": method, "model": model, "dataset": dataset, "seeds": seeds,
+           "max_minutes": minutes, "overrides": overrides,
+           "command": " ".join(command(dataset, model, method, seeds[0], minutes, overrides)),
+           **{k: statistics.mean(r[k] for r in runs) for k in MEAN_KEYS},
+           "ndcg10_per_seed": [r["ndcg10"] for r in runs], "epochs": [r["epochs"] for r in runs],
+           "stopped": [r["stopped"] for r in runs], "eval_users": runs[0].get("eval_users", "all")}
+    if all("by_users" in r for r in runs):  # test figures per user group (all / complete / gap)
+        out["by_users"] = {g: {k: statistics.mean(r["by_users"][g][k] for r in runs) for k in ("ndcg10", "hit10")}
+                           | {"users": runs[0]["by_users"][g]["users"]} for g in runs[0]["by_users"]}
+    for key in ("kept_blocks_hist", "block_usage", "distinct_structures"):
+        out[key] = runs[0][key]
+    same_model = not any(x.lstrip("+").startswith("model.") for x in overrides)  # not a depth-matched variant
+    out["paper_ndcg10"], out["paper_hit10"] = PAPER.get((dataset, model, method), (None, None)) if same_model \
+        else (None, None)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--dataset", default="ml1m_sas", choices=sorted(DATA))
+    parser.add_argument("--model", default="sasrec")
+    parser.add_argument("--methods", nargs="+", default=METHODS)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--max-minutes", type=float, default=30)
+    parser.add_argument("--minutes-for", nargs="*", default=[], help="per-method caps: METHOD=MINUTES")
+    parser.add_argument("--extra", nargs="*", default=[], help="more key=value overrides for every run")
+    parser.add_argument("--tag", default="", help="suffix for this invocation's row names")
+    parser.add_argument("--no-depth-matched", action="store_true")
+    args = parser.parse_args()
+    minutes = {m: float(v) for m, v in (x.split("=") for x in args.minutes_for)}
+    for method in args.methods:
+        cap = minutes.get(method, args.max_minutes)
+        runs = [train(args.dataset, args.model, method, s, cap, args.extra) for s in args.seeds]
+        rows = [row(method + args.tag, args.dataset, args.model, method, cap, args.extra, runs)]
+        if method == "forward_ofa" and not args.no_depth_matched:  # the depth-matched baseline right after it
+            k = max(1, round(statistics.mean(r["kept_blocks_mean"] for r in runs)))
+            cap = minutes.get("device_rec", args.max_minutes)
+            extra = [x for x in args.extra if not x.lstrip("+").startswith("method.")] + [f"model.n_blocks={k}"]
+            runs = [train(args.dataset, args.model, "device_rec", s, cap, extra) for s in args.seeds]
+            rows.append(row(f"device_rec ({k} blocks)", args.dataset, args.model, "device_rec", cap, extra, runs))
+        write(rows)
+
+
+def write(new_rows: list[dict]) -> None:
+    rows = json.loads(RESULTS.read_text())["rows"] if RESULTS.exists() else []
+    for new in new_rows:
+        rows = [r for r in rows if (r["name"], r["dataset"]) != (new["name"], new["dataset"])] + [new]
+    for r in rows:  # ratios to the plain device_rec of the same data set and model
+        base = next((b for b in rows if b["name"] == "device_rec" and b["dataset"] == r["dataset"]
+                     and b["model"] == r["model"]), None)
+        for key in ("ndcg10", "flops", "params", "shipped_params"):
+            r[f"{key}_vs_device_rec"] = r[key] / base[key] if base else None
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps({"rows": rows}, indent=1) + "\n")
+    print("| data set | model | method | NDCG@10 | Hit@10 | vs device_rec | FLOPs x | params x | blocks kept | paper |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        rel = lambda k: f"{r[k]:.2f}" if r.get(k) is not None else "-"  # noqa: E731
+        paper = f"{r['paper_ndcg10']:.4f}" if r["paper_ndcg10"] else "-"
+        print(f"| {r['dataset']} | {r['model']} | {r['name']} | {r['ndcg10']:.4f} | {r['hit10']:.4f} | "
+              f"{rel('ndcg10_vs_device_rec')} | {rel('flops_vs_device_rec')} | {rel('params_vs_device_rec')} | "
+              f"{r['kept_blocks_mean']:.2f} | {paper} |")
+
+
+if __name__ == "__main__":
+    main()
