@@ -272,6 +272,10 @@ def attack(cfg: DictConfig, out: Path) -> dict:
                          "train_s": time.perf_counter() - t})
     for name, scores in _baselines(model, item, indptr, split, device, n_items).items():
         rows_out.append({"attack": name, "uses": "no upload", **evaluate(scores, scores, windows, nxt)})
+    # What an upload of the window's items reveals (DIET's request, which sends them): the window
+    # outright, and the next item as the cloud's shared model predicts it from them.
+    w_scores, n_scores = _items_upload(model, windows, n_items)
+    rows_out.append({"attack": "items upload", "uses": "items", **evaluate(w_scores, n_scores, windows, nxt)})
 
     result = {"method": method, "dataset": cfg.dataset.name, "model": cfg.model.kind, "seed": seed,
               "h_noise": float(p.h_noise), "window": W,
@@ -313,6 +317,19 @@ def _baselines(model, item, indptr, split, device, n_items, batch: int = 256) ->
         seqs = [item[max(indptr[d], split[d] - T):split[d]].astype(np.int64) + 1 for d in device[b:b + batch]]
         scores[b:b + batch] = bb.scores(bb(left_pad(seqs, T))[:, -1]).numpy()
     return {"popularity": np.broadcast_to(popularity, (len(device), n_items)), "history model": scores}
+
+
+@torch.no_grad()
+def _items_upload(model, windows: np.ndarray, n_items: int, batch: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """Scores of an attacker holding each window's items: 1 for the items in it (the window
+    recovered outright), and for the next item the shared model run over them."""
+    held = _relevance(n_items, windows).astype(np.float32)
+    bb = model.backbone
+    nxt = np.zeros((len(windows), n_items), np.float32)
+    for b in range(0, len(windows), batch):
+        seqs = [w[w >= 0] + 1 for w in windows[b:b + batch]]
+        nxt[b:b + batch] = bb.scores(bb(left_pad(seqs, bb.maxlen))[:, -1]).numpy()
+    return held, nxt
 
 
 @hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="config")

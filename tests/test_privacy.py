@@ -93,7 +93,10 @@ def test_the_attack_end_to_end_with_and_without_the_defence(tmp_path):
     assert plain["alignment"]["checked"] > 0 and plain["alignment"]["max_abs_diff"] < 1e-5
     assert [r["uses"] for r in plain["rows"] if r["attack"] == "upload"] == \
         ["+".join(f) for f in privacy.ATTACKS["forward_ofa"]]
-    assert {r["attack"] for r in plain["rows"]} == {"upload", "popularity", "history model"}
+    assert {r["attack"] for r in plain["rows"]} == {"upload", "popularity", "history model", "items upload"}
+    items = next(r for r in plain["rows"] if r["attack"] == "items upload")
+    for key in ("window_recall10", "window_ndcg10", "membership_auc"):  # the items themselves
+        assert items[key] == pytest.approx(1.0), key
     for row in plain["rows"]:
         for key in ("window_recall10", "window_ndcg10", "next_recall10", "next_ndcg10", "membership_auc"):
             assert 0.0 <= row[key] <= 1.0, (row, key)
