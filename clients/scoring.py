@@ -10,6 +10,11 @@ causal pass over the chunk's right-aligned sequence (its last `maxlen` items) gi
 event of the chunk its hidden state (the state before the event scores it; the state after it
 is the user vector a request sent at that event carries). The chunks depend on the device's
 own timeline only, so how the simulation cuts time into rounds changes no score.
+
+A pass computes the hidden states of its whole chunk, future events included; a window reads
+only its own events. With a `cache` (one `Context` per device), the rest stays with the device
+until a later window of the same chunk under the same model reads it, instead of running the
+pass again: the same numbers, computed once per chunk and model.
 """
 
 from __future__ import annotations
@@ -41,6 +46,22 @@ class Scored:
     switch: np.ndarray  # per active device: events before its pending model is installed (all: none)
 
 
+@dataclass
+class Context:
+    """One device's hidden states over its anchored chunk under one model, from the pass that
+    scored events from `c0` on: `hidden[i]` is the state after global event `pos0 + i`, up to
+    the chunk's end (`end`, exclusive)."""
+
+    model: object
+    c0: int
+    pos0: int
+    end: int
+    hidden: np.ndarray
+
+    def serves(self, model, c0: int, c1: int) -> bool:
+        return model is self.model and self.c0 <= c0 and c1 <= self.end
+
+
 def switch_points(fx: Fixed, st: Devices, active: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
     """Per active device, the first event (global index) that its pending model serves; hi if none."""
     out = hi[active].copy()
@@ -51,8 +72,11 @@ def switch_points(fx: Fixed, st: Devices, active: np.ndarray, lo: np.ndarray, hi
     return out
 
 
-def score(fx: Fixed, st: Devices, active: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> Scored:
-    """Score events lo[j]:hi[j] of each active device j (state is read, not changed)."""
+def score(fx: Fixed, st: Devices, active: np.ndarray, lo: np.ndarray, hi: np.ndarray,
+          cache: dict | None = None) -> Scored:
+    """Score events lo[j]:hi[j] of each active device j (state is read, not changed). `cache`
+    (device row -> Context): chunks already passed are read from it, and what a pass computes
+    beyond a window is kept in it."""
     L, d = fx.model.backbone.n_blocks, fx.emb.shape[1]
     counts = (hi - lo)[active]
     offset = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
@@ -62,6 +86,7 @@ def score(fx: Fixed, st: Devices, active: np.ndarray, lo: np.ndarray, hi: np.nda
                  params=np.zeros(n_ev), blocks=np.zeros((n_ev, L), bool), user=np.zeros((n_ev, d), np.float32),
                  switch=switch_points(fx, st, active, lo, hi))
     groups: dict = {}  # structure -> jobs (row, model, first event, end event, output index of first)
+    cached: list = []  # jobs whose chunk is in the cache: (row, model, c0, c1, output index, Context)
     for a, j in enumerate(active):
         sp = out.switch[a]
         versions = ((st.held[j], lo[j], sp), (st.pending[j][0] if st.pending[j] is not None else None, sp, hi[j]))
@@ -77,15 +102,48 @@ def score(fx: Fixed, st: Devices, active: np.ndarray, lo: np.ndarray, hi: np.nda
             C = fx.chunk
             for c0 in [e0, *range(base + ((e0 - base) // C + 1) * C, e1, C)]:
                 c1 = min(e1, base + ((c0 - base) // C + 1) * C)
+                ctx = cache.get(j) if cache is not None else None
+                if ctx is not None and ctx.serves(model, c0, c1):
+                    cached.append((j, model, c0, c1, o + c0 - e0, ctx))
+                    continue
                 key = (model.blocks.tobytes(), model.weights is None)
                 groups.setdefault(key, []).append((j, model, c0, c1, o + c0 - e0))
     batch = int(fx.cfg.sim.batch)
+    fresh: list = []
     for jobs in groups.values():
         # Similar lengths together: a batch pads to its longest sequence (padding changes no result).
         jobs.sort(key=lambda job: (lambda c: c[1] - c[0])(_context(fx, job[0], job[2])))
         for b0 in range(0, len(jobs), batch):
-            _score_batch(fx, jobs[b0:b0 + batch], out)
+            fresh += _pass(fx, jobs[b0:b0 + batch])
+    read = [(j, m, c0, c1, o, torch.from_numpy(ctx.hidden), ctx.pos0) for j, m, c0, c1, o, ctx in cached]
+    for b0 in range(0, len(read), batch):
+        _emit(fx, out, read[b0:b0 + batch])
+    for b0 in range(0, len(fresh), batch):
+        _emit(fx, out, fresh[b0:b0 + batch])
+    if cache is not None:
+        _keep(cache, fresh, cached)
     return out
+
+
+def _keep(cache: dict, fresh: list, cached: list) -> None:
+    """Each device keeps the context of its latest job (the one reaching furthest) while events
+    of its chunk remain after it: from the state before the job's first event on."""
+    latest: dict = {}
+    for job in [*cached, *fresh]:
+        if job[0] not in latest or job[3] > latest[job[0]][3]:
+            latest[job[0]] = job
+    for j, job in latest.items():
+        if isinstance(job[5], Context):  # read from the cache: its context stays while it has more
+            if job[3] >= job[5].end:
+                cache.pop(j, None)
+            continue
+        _, model, c0, c1, _, hidden, pos0 = job
+        end = pos0 + hidden.shape[0]
+        if c1 >= end:
+            cache.pop(j, None)
+            continue
+        start = max(pos0, c0 - 1)
+        cache[j] = Context(model, c0, start, end, hidden[start - pos0:].numpy().copy())
 
 
 def _context(fx: Fixed, j: int, c0: int) -> tuple[int, int]:
@@ -97,7 +155,9 @@ def _context(fx: Fixed, j: int, c0: int) -> tuple[int, int]:
 
 
 @torch.no_grad()
-def _score_batch(fx: Fixed, jobs: list, out: Scored) -> None:
+def _pass(fx: Fixed, jobs: list) -> list:
+    """One causal pass over the jobs' chunks (one structure): each job with the hidden states
+    of its whole chunk sequence, [chunk length, d], and the chunk's first global index."""
     bb = fx.model.backbone
     T = bb.maxlen
     seqs, firsts = [], []
@@ -106,7 +166,6 @@ def _score_batch(fx: Fixed, jobs: list, out: Scored) -> None:
         seqs.append(fx.ids[first:chunk_end])
         firsts.append(first)
     seq = left_pad(seqs, T)
-    pad = [seq.shape[1] - len(s) for s in seqs]
     blocks = jobs[0][1].blocks
     kept = np.flatnonzero(blocks).tolist()
     params = None
@@ -121,27 +180,35 @@ def _score_batch(fx: Fixed, jobs: list, out: Scored) -> None:
             # finetune's own training: whole flat vectors.
             params[k] = mapper.params_from_terms(block, k, stacked) if mapper is not None else block.unflatten(stacked)
     hidden = bb(seq, params=params, blocks=kept)
-    # Every event: its user vector (state after it); scored events: the state before it.
-    b_all, p_all, o_all = [], [], []
-    b_sc, p_sc, o_sc, rows_sc, ev_sc = [], [], [], [], []
-    for b, (j, _, c0, c1, o) in enumerate(jobs):
-        for e in range(c0, c1):
-            idx = e - firsts[b] + pad[b]
-            b_all.append(b), p_all.append(idx), o_all.append(o + e - c0)
-            if e - 1 >= firsts[b]:
-                b_sc.append(b), p_sc.append(idx - 1), o_sc.append(o + e - c0), rows_sc.append(j), ev_sc.append(e)
-    o_all = np.array(o_all)
-    out.user[o_all] = hidden[torch.tensor(b_all), torch.tensor(p_all)].numpy()
-    out.blocks[o_all] = blocks
-    flops = fx.base_flops + blocks @ fx.block_flops
-    params_n = fx.base_params + blocks @ fx.block_params
-    out.flops[o_all], out.params[o_all] = flops, params_n
+    width = seq.shape[1]
+    return [(*job, hidden[b, width - len(q):], first) for b, (job, q, first) in enumerate(zip(jobs, seqs, firsts))]
+
+
+def _emit(fx: Fixed, out: Scored, jobs: list) -> None:
+    """Write each job's events into `out` from its chunk's hidden states (`hidden[i]`: the state
+    after global event pos0 + i): every event's user vector (the state after it), and for
+    events with something before them in the chunk, their rank under the state before it."""
+    users, o_all, before, o_sc, rows_sc, ev_sc, cand = [], [], [], [], [], [], []
+    for j, model, c0, c1, o, hidden, pos0 in jobs:
+        users.append(hidden[c0 - pos0:c1 - pos0])
+        o_all.append(np.arange(o, o + c1 - c0))
+        out.blocks[o:o + c1 - c0] = model.blocks
+        s0 = max(c0, pos0 + 1)  # events whose previous state is in the chunk
+        if s0 < c1:
+            before.append(hidden[s0 - 1 - pos0:c1 - 1 - pos0])
+            o_sc.append(np.arange(o + s0 - c0, o + c1 - c0))
+            rows_sc.append(np.full(c1 - s0, j))
+            ev_sc.append(np.arange(s0, c1))
+            cand += [model.candidates] * (c1 - s0)
+    o_all = np.concatenate(o_all)
+    out.user[o_all] = torch.cat(users).numpy()
+    blocks = out.blocks[o_all]
+    out.flops[o_all] = fx.base_flops + blocks @ fx.block_flops
+    out.params[o_all] = fx.base_params + blocks @ fx.block_params
     if not o_sc:
         return
-    h = hidden[torch.tensor(b_sc), torch.tensor(p_sc)]
-    cand = [jobs[b][1].candidates for b in b_sc]
-    rank, ent = rank_targets(fx, h, np.array(rows_sc), np.array(ev_sc), cand)
-    o_sc = np.array(o_sc)
+    rank, ent = rank_targets(fx, torch.cat(before), np.concatenate(rows_sc), np.concatenate(ev_sc), cand)
+    o_sc = np.concatenate(o_sc)
     out.ndcg[o_sc] = np.where(rank < 10, 1.0 / np.log2(rank + 2.0), 0.0)
     out.hit[o_sc] = rank < 10
     out.entropy[o_sc] = ent

@@ -52,6 +52,9 @@ class Shard:
         self.trigger = instantiate(fx.cfg.trigger)
         self.trigger.reset(len(fx.devices), int(fx.cfg.seed))
         self.booted = False
+        # Hidden states a scoring pass computed beyond its window, per device (clients.scoring);
+        # derived from the models and streams, so not part of a checkpoint.
+        self.contexts: dict | None = {} if fx.cfg.sim.score_cache else None
         bb = fx.model.backbone
         self.empty = Requests.empty(bb.n_blocks, fx.model.extractor.gru.hidden_size if fx.model.extractor else 0,
                                     bb.d)
@@ -78,6 +81,8 @@ class Shard:
         """From a checkpoint file, or its bytes (checkpoints of shards on other nodes)."""
         state = load_state(io.BytesIO(source) if isinstance(source, bytes) else source)
         self.st, self.trigger, self.booted = state["st"], state["trigger"], state["booted"]
+        if self.contexts is not None:
+            self.contexts.clear()
 
     def save(self, path: str) -> None:
         save_state(self._state(), path)
@@ -104,7 +109,7 @@ class Shard:
             if len(active):
                 lo = st.pos.copy()
                 clock.lap("replay")
-                sc = score(fx, st, active, lo, st.hi)
+                sc = score(fx, st, active, lo, st.hi, self.contexts)
                 clock.lap("score")
                 rows, events = replay(fx, st, self.trigger, active, lo, st.hi, sc)
                 clock.lap("replay")

@@ -225,3 +225,49 @@ def test_the_scorer_agrees_with_a_plain_batched_pass(cache, monkeypatch, tmp_pat
     order_v = np.argsort(events_v)
     assert (events_v[order_v] == events[order]).all()
     assert np.allclose(ndcg_v[order_v], ndcg[order]) and np.allclose(entropy_v[order_v], entropy[order], atol=1e-5)
+
+
+def test_windows_read_from_the_context_cache_score_as_one_pass(cache, monkeypatch, tmp_path):
+    """Scoring a device's stream window by window with the context cache (later windows of a
+    chunk read the states an earlier pass computed) gives what one call over the whole stream
+    gives, with fewer sequences passed through the model than without the cache."""
+    import sys
+
+    import numpy as np
+
+    import clients.scoring as scoring
+    from helpers import ROOT
+
+    monkeypatch.setenv("FL_SIM_CACHE", str(cache))
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from floor import deployed, run_files
+
+    fx, st = deployed(str(run_files(SMALL, tmp_path / "run")))
+    rows = np.arange(len(fx.devices))
+    start, stop = fx.s.split[fx.devices].copy(), fx.s.indptr[fx.devices + 1].copy()
+    whole = scoring.score(fx, st, rows, start, stop)
+    passed = []
+    real_pass = scoring._pass
+    monkeypatch.setattr(scoring, "_pass", lambda fx, jobs: passed.append(len(jobs)) or real_pass(fx, jobs))
+
+    def windowed(contexts):
+        passed.clear()
+        parts = {k: [] for k in ("ndcg", "scored", "user", "entropy")}
+        cuts = np.linspace(0.0, 1.0, 7)  # six windows a device
+        for w0, w1 in zip(cuts[:-1], cuts[1:]):
+            lo = start + np.floor(w0 * (stop - start)).astype(np.int64)
+            hi = start + np.floor(w1 * (stop - start)).astype(np.int64)
+            sc = scoring.score(fx, st, rows, lo, hi, contexts)
+            for k in parts:
+                parts[k].append([getattr(sc, k)[sc.offset[a]:sc.offset[a + 1]] for a in rows])
+        # back in device order: device a's events of every window
+        return {k: np.concatenate([v[w][a] for a in rows for w in range(len(v))]) for k, v in parts.items()}, \
+            sum(passed)
+
+    plain, n_plain = windowed(None)
+    with_cache, n_cached = windowed({})
+    for got in (plain, with_cache):
+        assert (got["scored"] == whole.scored).all()
+        assert np.allclose(got["ndcg"], whole.ndcg) and np.allclose(got["user"], whole.user, atol=1e-5)
+        assert np.allclose(got["entropy"], whole.entropy, atol=1e-5)
+    assert whole.scored.sum() > 500 and n_cached < 0.6 * n_plain, (n_cached, n_plain)
