@@ -16,6 +16,8 @@ Cases (5,000 devices and the default config unless named):
              size with a checkpoint every 10 rounds (seconds per checkpoint), and the compute
              floor (benchmarks/floor.py) at 5,000 and the largest size: the simulation's
              wall time over the floor's
+  rows       the rows of `scale` alone (no checkpoint run, no floor); a row keeps its earlier
+             floor when its results are unchanged
   checkpoints  the checkpoint run of `scale` alone (pre-training cached at the largest size)
   floor      the floors of `scale` alone, each against one new run of the default command
 Writes benchmarks/results/fleet.json: every run and the median per case. --cache DIR reuses the
@@ -60,20 +62,34 @@ def median(rows: list[dict], key: str) -> float:
     return round(statistics.median(r[key] for r in rows), 3)
 
 
-def scale(result: dict, runs: dict, cache: str, sizes: list[int], n_runs: int) -> None:
+def scale(result: dict, runs: dict, cache: str, sizes: list[int], n_runs: int, rows_only: bool = False) -> None:
     """Rows per fleet size: wall, peak memory, ms per device, where the time went; a checkpoint
-    run at the largest size; the compute floor and the simulation's ratio to it."""
+    run at the largest size; the compute floor and the simulation's ratio to it. `rows_only`:
+    the rows alone; a row's earlier floor stays when the run's results are the same to the last
+    digit (the same model versions), its ratios then over the new wall time."""
     rows = result.setdefault("scale", {})
     for n in sizes:
         run([f"num_clients={n}", "sim.backend=inprocess", "sim.max_rounds=1"], cache)  # pre-train once
         key = f"scale_ray_{n}"
         runs[key] = [run([f"num_clients={n}"], cache) for _ in range(1 if n >= 100_000 else n_runs)]
         mid = sorted(runs[key], key=lambda r: r["sim_wall_s"])[len(runs[key]) // 2]
-        rows[str(n)] = {"runs": len(runs[key]), "process_wall_s": median(runs[key], "process_wall_s"),
-                        "sim_wall_s": median(runs[key], "sim_wall_s"), "peak_rss_mb": median(runs[key], "peak_rss_mb"),
-                        "ms_per_device_simulation": round(1000 * median(runs[key], "sim_wall_s") / n, 3),
-                        "time_s_of_median_run": mid["time_s"], "events": mid["events_total"],
-                        "requests": mid["requests"], "ndcg10": mid["ndcg10"]}
+        old = rows.get(str(n), {})
+        row = {"runs": len(runs[key]), "process_wall_s": median(runs[key], "process_wall_s"),
+               "sim_wall_s": median(runs[key], "sim_wall_s"), "peak_rss_mb": median(runs[key], "peak_rss_mb"),
+               "ms_per_device_simulation": round(1000 * median(runs[key], "sim_wall_s") / n, 3),
+               "time_s_of_median_run": mid["time_s"], "events": mid["events_total"],
+               "requests": mid["requests"], "ndcg10": mid["ndcg10"],
+               "before": {k: old.get(k) for k in ("process_wall_s", "sim_wall_s", "peak_rss_mb", "ndcg10")}}
+        if old.get("ndcg10") == mid["ndcg10"]:
+            for k in ("floor", "checkpoint_s", "checkpoint_run"):
+                if k in old:
+                    row[k] = old[k]
+            if "floor" in row:
+                row["simulation_over_floor"] = round(row["sim_wall_s"] / row["floor"]["floor_s"], 2)
+                row["simulation_over_floor_versions"] = round(row["sim_wall_s"] / row["floor"]["floor_versions_s"], 2)
+        rows[str(n)] = row
+    if rows_only:
+        return
     checkpoints(result, runs, cache, max(sizes))
     floors(result, runs, cache, sizes)
 
@@ -143,8 +159,8 @@ def main() -> None:
         for name, extra in [("checkpoints", ["sim.checkpoint_every=10"]), ("flaky", ["faults=flaky"]),
                             ("flaky_rebuilt", [*flaky, "sim.checkpoint_every=10"])]:
             runs[f"warm_inprocess_5000_{name}"] = [run([*base, *extra], warm_cache) for _ in range(opts.runs)]
-    if "scale" in cases:
-        scale(result, runs, warm_cache, [int(n) for n in opts.sizes.split(",")], opts.runs)
+    if "scale" in cases or "rows" in cases:
+        scale(result, runs, warm_cache, [int(n) for n in opts.sizes.split(",")], opts.runs, rows_only="rows" in cases)
     else:  # parts of `scale` alone (pre-training cached at the sizes)
         sizes = [int(n) for n in opts.sizes.split(",")]
         if "checkpoints" in cases:

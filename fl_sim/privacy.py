@@ -6,7 +6,8 @@ interest h (here also the user vector the cloud retrieves candidates with), neve
 This command tests it:
 1. the fleet runs as `python -m fl_sim.run` would, with `privacy.log_uploads=true` and the
    configured defence (`privacy.h_noise`): DIR/fleet/ holds its results and every upload the
-   cloud received, row for row with requests.parquet;
+   cloud received, row for row with requests.parquet (a finished fleet run of the same config
+   there is attacked again rather than simulated again);
 2. the cloud trains an inversion model on the history it holds legitimately (before T0): it
    computes, with its own copy of the device-side models, the upload a device would send for
    sampled history windows (the defence's noise included: the protocol is public), and learns
@@ -233,7 +234,8 @@ def attack(cfg: DictConfig, out: Path) -> dict:
     p = cfg.privacy
     start = time.perf_counter()
     fleet_cfg = OmegaConf.merge(cfg, {"privacy": {"log_uploads": True}})
-    fleet = simulate(fleet_cfg, out / "fleet")
+    reused = _same_fleet(fleet_cfg, out / "fleet")
+    fleet = json.loads((out / "fleet" / "summary.json").read_text()) if reused else simulate(fleet_cfg, out / "fleet")
     requests = pd.read_parquet(out / "fleet" / "requests.parquet")
     logged = dict(np.load(out / "fleet" / "uploads.npz"))
     if len(requests) == 0:
@@ -281,10 +283,29 @@ def attack(cfg: DictConfig, out: Path) -> dict:
               "h_noise": float(p.h_noise), "window": W,
               "fleet": {k: fleet[k] for k in ("ndcg10", "hit10", "requests", "num_devices", "bytes_up")},
               "uploads_attacked": int(len(rows)), "uploads_total": int(len(requests)),
-              "train_windows": int(len(h_dev)), "alignment": check, "rows": rows_out,
+              "train_windows": int(len(h_dev)), "alignment": check, "fleet_reused": reused, "rows": rows_out,
               "train_uploads_s": upload_s, "wall_s": time.perf_counter() - start}
     write_json(out / "privacy.json", result)
     return result
+
+
+ATTACK_KEYS = ("train_windows", "max_uploads", "epochs", "hidden", "lr")  # change the attack, not the fleet
+
+
+def _same_fleet(cfg: DictConfig, folder: Path) -> bool:
+    """Whether `folder` holds a finished fleet run of this config (the attack's own settings and
+    where outputs go aside): it is attacked again instead of simulated again."""
+    if not ((folder / "uploads.npz").exists() and (folder / "summary.json").exists()):
+        return False
+
+    def fleet_part(c) -> dict:
+        c = OmegaConf.to_container(c, resolve=True)
+        c.pop("output_dir", None)
+        for key in ATTACK_KEYS:
+            c["privacy"].pop(key, None)
+        return c
+
+    return fleet_part(OmegaConf.load(folder / "config.yaml")) == fleet_part(cfg)
 
 
 def _check_alignment(model, item, indptr, device, ends, uploads, seed, h_noise) -> dict:
@@ -306,30 +327,35 @@ def _check_alignment(model, item, indptr, device, ends, uploads, seed, h_noise) 
 
 
 @torch.no_grad()
-def _baselines(model, item, indptr, split, device, n_items, batch: int = 256) -> dict[str, np.ndarray]:
-    """Attacks without any upload: item popularity in the history, and the cloud's shared
-    model over the device's history (all blocks, shared weights), scoring the catalogue."""
+def _recommend(model, seqs: list, batch: int = 256) -> np.ndarray:
+    """The cloud's model (the method's own: structure and weights derived from the sequence's
+    last `window` items, as offline evaluation runs it) scoring the catalogue after each
+    sequence (model ids)."""
+    from clients import outbox
+
+    W, T = model.spec.window, model.backbone.maxlen
+    out = np.zeros((len(seqs), model.backbone.item_emb.num_embeddings - 1), np.float32)
+    recent = [q[-W:] for q in seqs]
+    for part in outbox.same_length(recent, W, batch):  # unpadded windows, as devices encode them
+        hidden, _, _ = model(left_pad([seqs[i] for i in part], T), left_pad([recent[i] for i in part], W))
+        out[part] = model.backbone.scores(hidden[:, -1]).numpy()
+    return out
+
+
+def _baselines(model, item, indptr, split, device, n_items) -> dict[str, np.ndarray]:
+    """Attacks without any upload: item popularity in the history, and the cloud's model over
+    the device's history (which it holds), scoring the catalogue."""
     hist = np.concatenate([item[indptr[d]:split[d]] for d in range(len(split))])
     popularity = np.bincount(hist, minlength=n_items).astype(np.float32)
-    bb, T = model.backbone, model.backbone.maxlen
-    scores = np.zeros((len(device), n_items), np.float32)
-    for b in range(0, len(device), batch):
-        seqs = [item[max(indptr[d], split[d] - T):split[d]].astype(np.int64) + 1 for d in device[b:b + batch]]
-        scores[b:b + batch] = bb.scores(bb(left_pad(seqs, T))[:, -1]).numpy()
-    return {"popularity": np.broadcast_to(popularity, (len(device), n_items)), "history model": scores}
+    T = model.backbone.maxlen
+    seqs = [item[max(indptr[d], split[d] - T):split[d]].astype(np.int64) + 1 for d in device]
+    return {"popularity": np.broadcast_to(popularity, (len(device), n_items)), "history model": _recommend(model, seqs)}
 
 
-@torch.no_grad()
-def _items_upload(model, windows: np.ndarray, n_items: int, batch: int = 256) -> tuple[np.ndarray, np.ndarray]:
+def _items_upload(model, windows: np.ndarray, n_items: int) -> tuple[np.ndarray, np.ndarray]:
     """Scores of an attacker holding each window's items: 1 for the items in it (the window
-    recovered outright), and for the next item the shared model run over them."""
-    held = _relevance(n_items, windows).astype(np.float32)
-    bb = model.backbone
-    nxt = np.zeros((len(windows), n_items), np.float32)
-    for b in range(0, len(windows), batch):
-        seqs = [w[w >= 0] + 1 for w in windows[b:b + batch]]
-        nxt[b:b + batch] = bb.scores(bb(left_pad(seqs, bb.maxlen))[:, -1]).numpy()
-    return held, nxt
+    recovered outright), and for the next item the cloud's model run over them."""
+    return _relevance(n_items, windows).astype(np.float32), _recommend(model, [w[w >= 0] + 1 for w in windows])
 
 
 @hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="config")

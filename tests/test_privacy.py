@@ -101,6 +101,10 @@ def test_the_attack_end_to_end_with_and_without_the_defence(tmp_path):
         for key in ("window_recall10", "window_ndcg10", "next_recall10", "next_ndcg10", "membership_auc"):
             assert 0.0 <= row[key] <= 1.0, (row, key)
 
+    # Attacked again with another attack: the fleet run is reused, not simulated again.
+    again, _ = _attack(tmp_path, "plain", "method=forward_ofa", "privacy.lr=0.002")
+    assert not plain["fleet_reused"] and again["fleet_reused"] and again["fleet"] == plain["fleet"]
+
     # duet: every device keeps every block, generated from h (the small model's controller may keep none)
     duet, _ = _attack(tmp_path, "duet", "method=duet")
     noisy, _ = _attack(tmp_path, "noisy", "method=duet", "privacy.h_noise=0.5")
