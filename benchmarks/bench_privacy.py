@@ -82,7 +82,8 @@ def plot(results: dict, path: Path) -> None:
     x = [r["h_noise"] for r in runs]
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.4))
     a.plot(x, [r["fleet"]["ndcg10"] for r in runs], "o-")
-    a.set(xlabel="privacy.h_noise (std of the noise on h)", ylabel="fleet NDCG@10", title="what the defence costs")
+    a.set(xlabel="privacy.h_noise (std of the noise on h)", ylabel="fleet NDCG@10", title="what the defence costs",
+          ylim=(0, 1.2 * max(r["fleet"]["ndcg10"] for r in runs)))
     for uses, style in (("beta+h", "o-"), ("beta+h+user", "s--")):
         b.plot(x, [next(row["window_recall10"] for row in r["rows"] if row["uses"] == uses) for r in runs], style,
                label=f"attack on {uses}")
