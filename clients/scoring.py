@@ -109,35 +109,34 @@ def score(fx: Fixed, st: Devices, active: np.ndarray, lo: np.ndarray, hi: np.nda
                 key = (model.blocks.tobytes(), model.weights is None)
                 groups.setdefault(key, []).append((j, model, c0, c1, o + c0 - e0))
     batch = int(fx.cfg.sim.batch)
-    fresh: list = []
+    # Each device keeps the context of its latest job (the one reaching furthest).
+    latest: dict = {}
+    for j, _, _, c1, *_ in [*cached, *(job for jobs in groups.values() for job in jobs)]:
+        latest[j] = max(latest.get(j, c1), c1)
     for jobs in groups.values():
         # Similar lengths together: a batch pads to its longest sequence (padding changes no result).
         jobs.sort(key=lambda job: (lambda c: c[1] - c[0])(_context(fx, job[0], job[2])))
         for b0 in range(0, len(jobs), batch):
-            fresh += _pass(fx, jobs[b0:b0 + batch])
+            passed = _pass(fx, jobs[b0:b0 + batch])
+            _emit(fx, out, passed)
+            if cache is not None:
+                _keep(cache, passed, latest)
     read = [(j, m, c0, c1, o, torch.from_numpy(ctx.hidden), ctx.pos0) for j, m, c0, c1, o, ctx in cached]
     for b0 in range(0, len(read), batch):
         _emit(fx, out, read[b0:b0 + batch])
-    for b0 in range(0, len(fresh), batch):
-        _emit(fx, out, fresh[b0:b0 + batch])
-    if cache is not None:
-        _keep(cache, fresh, cached)
+    for j, _, _, c1, _, ctx in cached:  # a context read to its chunk's end has nothing more to give
+        if c1 == latest[j] and c1 >= ctx.end and cache.get(j) is ctx:
+            del cache[j]
     return out
 
 
-def _keep(cache: dict, fresh: list, cached: list) -> None:
-    """Each device keeps the context of its latest job (the one reaching furthest) while events
-    of its chunk remain after it: from the state before the job's first event on."""
-    latest: dict = {}
-    for job in [*cached, *fresh]:
-        if job[0] not in latest or job[3] > latest[job[0]][3]:
-            latest[job[0]] = job
-    for j, job in latest.items():
-        if isinstance(job[5], Context):  # read from the cache: its context stays while it has more
-            if job[3] >= job[5].end:
-                cache.pop(j, None)
+def _keep(cache: dict, passed: list, latest: dict) -> None:
+    """The context of each passed job that is its device's latest, while events of its chunk
+    remain after it: from the state before the job's first event on (a copy, not a view that
+    would keep the whole batch's states alive)."""
+    for j, model, c0, c1, _, hidden, pos0 in passed:
+        if c1 != latest[j]:
             continue
-        _, model, c0, c1, _, hidden, pos0 = job
         end = pos0 + hidden.shape[0]
         if c1 >= end:
             cache.pop(j, None)

@@ -264,7 +264,7 @@ class Recorder:
 
     def upload_table(self) -> dict[str, np.ndarray] | None:
         """What each request of `request_table()` uploaded (same rows), when kept."""
-        if self.upload_log is None or not self.upload_log:
+        if not self.upload_log:
             return None
         return {name: np.concatenate([u[i] for u in self.upload_log]) for i, name in enumerate(("beta", "h", "user"))}
 

@@ -255,7 +255,7 @@ def attack(cfg: DictConfig, out: Path) -> dict:
     ends = request_ends(split, device, requests["event"].to_numpy()[rows])
     uploads = {k: v[rows].reshape(len(rows), -1) for k, v in logged.items()}
     windows, nxt = windows_at(item, indptr, device, ends, W)
-    check = _check_alignment(model, item, indptr, device, ends, uploads, seed, float(p.h_noise))
+    check = _check_alignment(model, windows, device, ends, uploads, seed, float(p.h_noise))
 
     # The cloud's training uploads, from the history it holds.
     t = time.perf_counter()
@@ -275,7 +275,7 @@ def attack(cfg: DictConfig, out: Path) -> dict:
     for name, scores in _baselines(model, item, indptr, split, device, n_items).items():
         rows_out.append({"attack": name, "uses": "no upload", **evaluate(scores, scores, windows, nxt)})
     # What an upload of the window's items reveals (DIET's request, which sends them): the window
-    # outright, and the next item as the cloud's shared model predicts it from them.
+    # outright, and the next item as the cloud's model predicts it from them.
     w_scores, n_scores = _items_upload(model, windows, n_items)
     rows_out.append({"attack": "items upload", "uses": "items", **evaluate(w_scores, n_scores, windows, nxt)})
 
@@ -308,14 +308,13 @@ def _same_fleet(cfg: DictConfig, folder: Path) -> bool:
     return fleet_part(OmegaConf.load(folder / "config.yaml")) == fleet_part(cfg)
 
 
-def _check_alignment(model, item, indptr, device, ends, uploads, seed, h_noise) -> dict:
+def _check_alignment(model, windows, device, ends, uploads, seed, h_noise) -> dict:
     """The logged uploads recomputed from the truth windows (the devices' own noise draws):
     they must match, or the truth is not what the devices read."""
     from clients import outbox
 
     n = min(len(device), 500)
-    recent = [item[max(indptr[d], e - model.spec.window):e].astype(np.int64) + 1
-              for d, e in zip(device[:n], ends[:n])]
+    recent = [w[w >= 0] + 1 for w in windows[:n]]
     beta, h = outbox.upload_vectors(model, recent, device[:n], ends[:n], seed)
     h = outbox.defend(h, device[:n], ends[:n], h_noise, seed)
     diff = max(float(np.abs(beta.reshape(n, -1) - uploads["beta"][:n]).max(initial=0.0)),
