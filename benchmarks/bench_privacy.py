@@ -7,7 +7,8 @@ for Forward-OFA under the Gaussian defence at several noise levels.
 pre-trained for a fixed number of epochs (not minutes, so the model does not depend on load),
 as `benchmarks/fleet_ml1m.py`. Writes benchmarks/results/privacy.json (every command and its
 privacy.json) and benchmarks/results/privacy_noise.png (the defence's curve: the fleet's
-NDCG@10 and the attack's recall against the noise level); --plot-only redraws the figure.
+NDCG@10 and the attack's recall against the noise level), adding to the runs already there;
+--plot-only redraws the figure.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(os.environ.get("FL_SIM_SHARED", ROOT.parent / "shared")) / "data/ml-1m/ml-1m-sas.txt.gz"
-METHODS = ("forward_ofa", "duet", "device_rec")
+METHODS = ("forward_ofa", "duet", "device_rec", "diet")
 
 
 def main() -> None:
@@ -47,7 +48,8 @@ def main() -> None:
     runs = {m: [f"method={m}"] for m in opts.methods.split(",")}
     runs.update({f"forward_ofa_noise{s}": ["method=forward_ofa", f"privacy.h_noise={s}"]
                  for s in opts.noise.split(",") if s})
-    results = {}
+    # runs of earlier calls stay (a call with --methods diet --noise "" adds DIET's row)
+    results = json.loads(out_file.read_text())["runs"] if out_file.exists() else {}
     for name, args in runs.items():
         out = base / name
         if not (out / "privacy.json").exists():  # finished by an earlier call

@@ -5,9 +5,11 @@ moment the download ends. A refusal frees the device to ask again.
 
 from __future__ import annotations
 
+import math
 import zlib
 
 import numpy as np
+import torch
 
 from clients.download import download
 from clients.replay import install
@@ -46,7 +48,7 @@ def receive(fx: Fixed, st: Devices, d: Deliveries) -> None:
     acc = st.acc
     for key, counts in dl.counts.items():
         np.add.at(acc[key], local[net], counts)
-    flops = fx.base_flops + d.blocks @ fx.block_flops
+    flops = fx.base_flops + (masked_flops(fx, d) if fx.model.reveals_items else d.blocks @ fx.block_flops)
     params = fx.base_params + d.blocks @ fx.block_params
     if not fx.static:  # checked by the device, against what it asked (one model for all ignores budgets)
         acc["budget_violations"][local] += (flops > st.sent_budget[local, 0]) | (params > st.sent_budget[local, 1])
@@ -85,7 +87,8 @@ def receive(fx: Fixed, st: Devices, d: Deliveries) -> None:
                 weights, ready = st.local[j]
                 at = max(at, ready)
                 st.local[j] = None
-        st.pending[j] = (Model(blocks=d.blocks[i].copy(), weights=weights, candidates=d.candidates[i].copy()), at)
+        st.pending[j] = (Model(blocks=d.blocks[i].copy(), weights=weights, candidates=d.candidates[i].copy(),
+                               flops=float(flops[i]) if fx.model.reveals_items else math.nan), at)
         if d.first[i]:
             install(st, j)
         else:
@@ -93,3 +96,13 @@ def receive(fx: Fixed, st: Devices, d: Deliveries) -> None:
     if log:
         st.installs.append(np.array(log, dtype=np.float64))
 
+
+
+def masked_flops(fx: Fixed, d: Deliveries) -> np.ndarray:
+    """DIET: each delivery's block FLOPs under its masks (whole masked rows are not computed)."""
+    out = np.zeros(len(d))
+    bb, masker = fx.model.backbone, fx.model.mapper
+    for k, w in enumerate(d.weights):
+        if w is not None and len(w):
+            out[np.flatnonzero(d.blocks[:, k])] += masker.flops(bb.blocks[k], k, torch.from_numpy(w), bb.maxlen)
+    return out

@@ -3,8 +3,8 @@
 A request carries what the device may reveal: the structure beta and interest h its on-device
 controller and extractor compute from its last `window` items, the user vector of the model it
 holds (for the cloud's retrieval), its budget now, and which blocks' shared weights it holds;
-never item ids. Its upload takes the
-time its link needs at that moment. A device's first request (deployment) is built from its
+never item ids, except for DIET, whose request is those items (counted in `items_revealed`).
+Its upload takes the time its link needs at that moment. A device's first request (deployment) is built from its
 history, which the cloud already holds: its user vector comes from the cloud's shared model.
 
 For `finetune` the trigger's request also starts the device's own fine-tuning on its last
@@ -22,9 +22,10 @@ from fl_sim.devices.budget import device_budgets
 from fl_sim.models import cost
 from fl_sim.models.finetune import finetune_blocks
 from fl_sim.protocol import Requests
-from fl_sim.training import left_pad
+from fl_sim.training import left_pad, same_length
 
 FLOAT_BYTES = 4
+ID_BYTES = 4  # an item id on the wire
 _NOISE = 210  # counter_rng streams of the upload defence (210: devices, 211: the attacker's training uploads)
 
 
@@ -36,11 +37,22 @@ def build(fx: Fixed, st: Devices, rows: np.ndarray, ends: np.ndarray, t: np.ndar
     g = fx.devices[rows]
     W = model.spec.window
     recent = [fx.ids[max(s.indptr[gi], e - W):e] for gi, e in zip(g, ends)]
-    beta_np, h_np = upload_vectors(model, recent, g, ends, int(fx.cfg.seed))
-    h_np = defend(h_np, g, ends, float(fx.cfg.privacy.h_noise), int(fx.cfg.seed))
     L = model.backbone.n_blocks
+    if model.reveals_items:  # DIET: the items themselves (the cloud encodes them); no structure to send
+        beta_np, h_np = np.zeros((len(rows), L, 2), np.float32), np.zeros((len(rows), 0), np.float32)
+        items = np.zeros((len(rows), W), np.int64)
+        n_items = np.array([len(r) for r in recent], np.int64)
+        for i, r in enumerate(recent):
+            items[i, W - len(r):] = r
+        up_bytes = n_items * ID_BYTES + (user.shape[1] + 2) * FLOAT_BYTES + (L + 7) // 8
+        if not first:  # (at deployment they come from the history the cloud holds)
+            st.acc["items_revealed"][rows] += n_items
+    else:
+        beta_np, h_np = upload_vectors(model, recent, g, ends, int(fx.cfg.seed))
+        h_np = defend(h_np, g, ends, float(fx.cfg.privacy.h_noise), int(fx.cfg.seed))
+        items = np.zeros((len(rows), 0), np.int64)
+        up_bytes = (L * 2 + h_np.shape[1] + user.shape[1] + 2) * FLOAT_BYTES + (L + 7) // 8  # + holds, 1 bit a block
     max_f, max_p = device_budgets(fx.fleet, fx.cfg.devices, g, t)
-    up_bytes = (L * 2 + h_np.shape[1] + user.shape[1] + 2) * FLOAT_BYTES + (L + 7) // 8  # + holds, 1 bit a block
     upload = np.zeros(len(rows)) if first else fx.fleet.transfer_time(g, t, up_bytes, uplink=True)
     acc = st.acc
     acc["bytes_up"][rows] += up_bytes
@@ -58,7 +70,7 @@ def build(fx: Fixed, st: Devices, rows: np.ndarray, ends: np.ndarray, t: np.ndar
     return Requests(device=g.astype(np.int64), time=np.asarray(t, float), ready_time=t + upload,
                     beta=beta_np, h=h_np, user=user.astype(np.float32),
                     max_flops=np.asarray(max_f, float), max_params=np.asarray(max_p, float),
-                    first=np.full(len(rows), first), holds=st.holds[rows].copy())
+                    first=np.full(len(rows), first), holds=st.holds[rows].copy(), items=items)
 
 
 @torch.no_grad()
@@ -120,19 +132,10 @@ def _encode(model, recent: list, g: np.ndarray, ends: np.ndarray, seed: int):
     return tuple(out)
 
 
-def same_length(seqs: list, width: int, chunk: int = 4096) -> list[np.ndarray]:
-    """Indices of `seqs` in groups of one length (cut at `width`), at most `chunk` each."""
-    lengths = np.minimum([len(q) for q in seqs], width)
-    order = np.argsort(lengths, kind="stable")
-    cuts = np.flatnonzero(np.diff(lengths[order])) + 1
-    return [part for group in np.split(order, cuts) if len(group)
-            for part in np.split(group, range(chunk, len(group), chunk))]
-
-
 def _encode_flops(fx: Fixed) -> float:
     model, W, d = fx.model, fx.model.spec.window, fx.model.backbone.d
     flops = cost.gru_flops(d, model.controller.gru.hidden_size, W) if model.controller is not None else 0
-    return flops + (cost.gru_flops(d, model.extractor.gru.hidden_size, W) if model.extractor is not None else 0)
+    return flops + (cost.gru_flops(d, model.upload_h_dim, W) if model.upload_h_dim else 0)
 
 
 @torch.no_grad()

@@ -56,8 +56,8 @@ class Shard:
         # derived from the models and streams, so not part of a checkpoint.
         self.contexts: dict | None = {} if fx.cfg.sim.score_cache else None
         bb = fx.model.backbone
-        self.empty = Requests.empty(bb.n_blocks, fx.model.extractor.gru.hidden_size if fx.model.extractor else 0,
-                                    bb.d)
+        self.empty = Requests.empty(bb.n_blocks, fx.model.upload_h_dim, bb.d,
+                                    fx.model.spec.window if fx.model.reveals_items else 0)
         # Every event's time, offset per device so that one sorted search finds each window's end.
         s, dev = fx.s, fx.devices
         self._span = float(s.ts.max() - s.ts.min() + 1.0) if len(s.ts) else 1.0

@@ -6,6 +6,7 @@ step needs; checkpoints save `Devices` and the trigger.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -25,7 +26,7 @@ ACCOUNTS = ("events", "scored", "no_context", "no_model", "ndcg", "hit", "flops"
             "bytes_up", "bytes_down", "bytes_model", "bytes_candidates", "bytes_first", "offline_deferred",
             "budget_violations", "over_budget_events", "request_flops", "train_flops", "local_updates",
             "not_served", "bytes_wasted", "answers", "budget_cut", "kept_blocks_sum", "answer_flops_sum",
-            "installs", "waiting", *COUNTS)
+            "installs", "waiting", "items_revealed", *COUNTS)
 
 
 class ModelIds:
@@ -94,12 +95,13 @@ def load_fixed(run_dir: str, shard: int, n_shards: int) -> Fixed:
 class Model:
     """One device's model and candidates: kept blocks; per kept block what differs from the
     block's shared weights, which the shard holds once (the mapper's generated terms, or for
-    `finetune` the device's own trained flat vector; None: the shared weights); candidate item
-    ids (empty: the whole catalogue)."""
+    `finetune` the device's own trained flat vector; DIET: its packed masks; None: the shared
+    weights); candidate item ids (empty: the whole catalogue)."""
 
     blocks: np.ndarray
     weights: dict | None
     candidates: np.ndarray
+    flops: float = math.nan  # per inference when its weights decide it (DIET's masks); nan: from its blocks
 
 
 def pack_models(models: list) -> dict:
@@ -110,6 +112,7 @@ def pack_models(models: list) -> dict:
     out = {"n": len(models), "have": have, "blocks": np.array([m.blocks for m in ms], bool),
            "shared": np.array([m.weights is None for m in ms], bool),
            "cand_len": np.array([len(m.candidates) for m in ms], np.int64),
+           "flops": np.array([m.flops for m in ms], np.float64),
            "candidates": np.concatenate([m.candidates for m in ms]) if ms else np.zeros(0, np.int64), "terms": {}}
     for k in sorted({k for m in ms if m.weights is not None for k in m.weights}):
         rows = [i for i, m in enumerate(ms) if m.weights is not None and k in m.weights]
@@ -126,7 +129,8 @@ def unpack_models(packed: dict) -> list:
             weights[r][k] = w.copy()
     ends = np.cumsum(packed["cand_len"])
     ms = [Model(blocks=packed["blocks"][i].copy(), weights=weights[i],
-                candidates=packed["candidates"][ends[i] - packed["cand_len"][i]:ends[i]].copy())
+                candidates=packed["candidates"][ends[i] - packed["cand_len"][i]:ends[i]].copy(),
+                flops=float(packed["flops"][i]))
           for i in range(n_models)]
     out: list = [None] * packed["n"]
     for slot, m in zip(np.flatnonzero(packed["have"]).tolist(), ms):

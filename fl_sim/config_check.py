@@ -25,6 +25,7 @@ RANGES: dict[str, tuple] = {
     "method.window": (1, None, True, True),
     "method.k": (1, None, True, True),
     "method.rank": (1, None, True, True),
+    "method.keep": (0, 1, False, False),
     "method.steps": (0, None, True, True),
     "method.lr": (0, None, False, False),
     "train.batch": (1, None, True, True),

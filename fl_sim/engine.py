@@ -118,7 +118,7 @@ class Recorder:
         self.nodes_lost = self.rounds_replayed = 0
         self.request_log: list[tuple[np.ndarray, np.ndarray]] = []  # (device, time) of each exchange's requests
         # (beta, h, user) each of those requests uploaded, when kept (privacy.log_uploads)
-        self.upload_log: list[tuple[np.ndarray, np.ndarray, np.ndarray]] | None = [] if keep_uploads else None
+        self.upload_log: list[tuple[np.ndarray, ...]] | None = [] if keep_uploads else None
         self.progress = None
         self.on_round_end = None  # called with each round's index once it is collected (checkpoints)
         self._row: dict | None = None
@@ -209,7 +209,8 @@ class Recorder:
         if asked.any():
             self.request_log.append((requests.device[asked], requests.time[asked]))
             if self.upload_log is not None:
-                self.upload_log.append((requests.beta[asked], requests.h[asked], requests.user[asked]))
+                self.upload_log.append((requests.beta[asked], requests.h[asked], requests.user[asked],
+                                        requests.items[asked]))
         self.pending = self.cloud.answer(requests)
         kind, t0, t1, _ = window
         if self._row is None:
@@ -266,7 +267,8 @@ class Recorder:
         """What each request of `request_table()` uploaded (same rows), when kept."""
         if not self.upload_log:
             return None
-        return {name: np.concatenate([u[i] for u in self.upload_log]) for i, name in enumerate(("beta", "h", "user"))}
+        return {name: np.concatenate([u[i] for u in self.upload_log])
+                for i, name in enumerate(("beta", "h", "user", "items"))}
 
     def device_table(self) -> dict[str, np.ndarray]:
         tables = [self.tables[s] for s in sorted(self.tables)]

@@ -35,7 +35,7 @@ from torch import nn
 from fl_sim.cli import CONF_DIR, friendly_errors, output_dir, write_json
 from fl_sim.config_check import check_ranges
 from fl_sim.errors import ConfigError, FlSimError
-from fl_sim.training import left_pad
+from fl_sim.training import left_pad, same_length
 
 K = 10  # recall@K and NDCG@K
 # The upload fields each attack reads, per method: every field the method's request carries
@@ -44,6 +44,7 @@ ATTACKS = {
     "forward_ofa": [("beta",), ("h",), ("beta", "h"), ("user",), ("beta", "h", "user")],
     "duet": [("h",), ("user",), ("h", "user")],
     "device_rec": [("user",)],
+    "diet": [],  # its request is the items themselves: read, not inverted (`_revealed`)
 }
 
 
@@ -98,7 +99,7 @@ def cloud_uploads(model, item: np.ndarray, indptr: np.ndarray, device: np.ndarra
     beta, h = outbox.upload_vectors(model, recent, device, ends, seed)
     h = outbox.defend(h, device, ends, h_noise, seed, stream=1)
     user = np.zeros((len(device), model.backbone.d), np.float32)
-    for part in outbox.same_length(recent, W, batch):  # unpadded windows, as devices encode them
+    for part in same_length(recent, W, batch):  # unpadded windows, as devices encode them
         seqs = [item[max(indptr[d], e - T):e].astype(np.int64) + 1 for d, e in zip(device[part], ends[part])]
         hidden, _, _ = model(left_pad(seqs, T), left_pad([recent[i] for i in part], W))
         user[part] = hidden[:, -1].numpy()
@@ -230,7 +231,7 @@ def attack(cfg: DictConfig, out: Path) -> dict:
     method = cfg.method.name
     if method not in ATTACKS:
         raise ConfigError(f"fl_sim.privacy attacks the uploads of {', '.join(ATTACKS)}; method={method} has no attack "
-                          "here (diet: not yet a method)")
+                          "here")
     p = cfg.privacy
     start = time.perf_counter()
     fleet_cfg = OmegaConf.merge(cfg, {"privacy": {"log_uploads": True}})
@@ -255,13 +256,15 @@ def attack(cfg: DictConfig, out: Path) -> dict:
     ends = request_ends(split, device, requests["event"].to_numpy()[rows])
     uploads = {k: v[rows].reshape(len(rows), -1) for k, v in logged.items()}
     windows, nxt = windows_at(item, indptr, device, ends, W)
-    check = _check_alignment(model, windows, device, ends, uploads, seed, float(p.h_noise))
+    check = (_check_items(windows, uploads) if model.reveals_items
+             else _check_alignment(model, windows, device, ends, uploads, seed, float(p.h_noise)))
 
     # The cloud's training uploads, from the history it holds.
     t = time.perf_counter()
     h_dev, h_ends = history_positions(indptr, split, int(p.train_windows), rng)
-    train = cloud_uploads(model, item, indptr, h_dev, h_ends, seed, float(p.h_noise))
-    train_windows, train_next = windows_at(item, indptr, h_dev, h_ends, W)
+    if ATTACKS[method]:  # (DIET's uploads need no inversion)
+        train = cloud_uploads(model, item, indptr, h_dev, h_ends, seed, float(p.h_noise))
+        train_windows, train_next = windows_at(item, indptr, h_dev, h_ends, W)
     upload_s = time.perf_counter() - t
 
     rows_out = []
@@ -272,6 +275,11 @@ def attack(cfg: DictConfig, out: Path) -> dict:
         w_scores, n_scores = invert(inv, features(uploads, fields))
         rows_out.append({"attack": "upload", "uses": "+".join(fields), **evaluate(w_scores, n_scores, windows, nxt),
                          "train_s": time.perf_counter() - t})
+    if model.reveals_items:  # DIET: the cloud reads the items each request carried
+        revealed = np.where(uploads["items"] > 0, uploads["items"] - 1, -1)
+        w_scores, n_scores = _items_upload(model, revealed, n_items)
+        rows_out.append({"attack": "upload", "uses": "items", **evaluate(w_scores, n_scores, windows, nxt),
+                         "train_s": 0.0})
     for name, scores in _baselines(model, item, indptr, split, device, n_items).items():
         rows_out.append({"attack": name, "uses": "no upload", **evaluate(scores, scores, windows, nxt)})
     # What an upload of the window's items reveals (DIET's request, which sends them): the window
@@ -281,7 +289,9 @@ def attack(cfg: DictConfig, out: Path) -> dict:
 
     result = {"method": method, "dataset": cfg.dataset.name, "model": cfg.model.kind, "seed": seed,
               "h_noise": float(p.h_noise), "window": W,
-              "fleet": {k: fleet[k] for k in ("ndcg10", "hit10", "requests", "num_devices", "bytes_up")},
+              "fleet": {k: fleet.get(k) for k in ("ndcg10", "hit10", "requests", "num_devices", "bytes_up",
+                                                  "requests_answered", "bytes_down_model", "bytes_first_model",
+                                                  "mean_flops_per_inference", "items_revealed")},
               "uploads_attacked": int(len(rows)), "uploads_total": int(len(requests)),
               "train_windows": int(len(h_dev)), "alignment": check, "fleet_reused": reused, "rows": rows_out,
               "train_uploads_s": upload_s, "wall_s": time.perf_counter() - start}
@@ -325,6 +335,21 @@ def _check_alignment(model, windows, device, ends, uploads, seed, h_noise) -> di
     return {"checked": n, "max_abs_diff": diff}
 
 
+def _check_items(windows: np.ndarray, uploads: dict) -> dict:
+    """DIET: the items each logged request carried are the truth window (as sets, in order)."""
+    logged = uploads["items"]
+    W = logged.shape[1]
+    truth = np.full((len(windows), W), -1, np.int64)
+    for i, w in enumerate(windows):
+        w = w[w >= 0][-W:]
+        truth[i, W - len(w):] = w
+    bad = int((np.where(logged > 0, logged - 1, -1) != truth).any(1).sum())
+    if bad:
+        raise FlSimError(f"{bad} logged requests carry other items than the stream holds before them: "
+                         "the attack's truth would be wrong")
+    return {"checked": int(len(windows)), "max_abs_diff": 0.0}
+
+
 @torch.no_grad()
 def _recommend(model, seqs: list, batch: int = 256) -> np.ndarray:
     """The cloud's model (the method's own: structure and weights derived from the sequence's
@@ -335,7 +360,7 @@ def _recommend(model, seqs: list, batch: int = 256) -> np.ndarray:
     W, T = model.spec.window, model.backbone.maxlen
     out = np.zeros((len(seqs), model.backbone.item_emb.num_embeddings - 1), np.float32)
     recent = [q[-W:] for q in seqs]
-    for part in outbox.same_length(recent, W, batch):  # unpadded windows, as devices encode them
+    for part in same_length(recent, W, batch):  # unpadded windows, as devices encode them
         hidden, _, _ = model(left_pad([seqs[i] for i in part], T), left_pad([recent[i] for i in part], W))
         out[part] = model.backbone.scores(hidden[:, -1]).numpy()
     return out

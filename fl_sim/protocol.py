@@ -1,9 +1,10 @@
 """What crosses between a shard of devices and the cloud: one typed message each way.
 
-Device -> cloud, `Requests` (built only by clients/outbox.py): what a device may reveal, never
-item ids: the structure beta and interest h of the adaptive methods, a user vector from its
-on-device model for retrieval, its budget now, and which blocks' shared weights it already
-holds (so that a delta payload need not send them again).
+Device -> cloud, `Requests` (built only by clients/outbox.py): what a device may reveal: the
+structure beta and interest h of the adaptive methods, a user vector from its on-device model
+for retrieval, its budget now, and which blocks' shared weights it already holds (so that a
+delta payload need not send them again). Item ids only for a method that must reveal them
+(DIET: the cloud builds its masks from the device's recent items), counted as revealed.
 
 Cloud -> device, `Deliveries` (built only by strategies/cloud.py): per answered request the
 sub-model (kept blocks and, for generated weights, the terms the mapper generated for them,
@@ -42,13 +43,14 @@ class Requests:
     max_params: np.ndarray  # [r] budget: on-device parameters
     first: np.ndarray  # [r] bool: the device's first model (deployment)
     holds: np.ndarray  # [r, L] bool: blocks whose shared weights the device holds
+    items: np.ndarray  # [r, W] int64 recent items (model ids, left-padded with 0); W = 0 unless revealed
 
     @classmethod
-    def empty(cls, n_blocks: int, h_dim: int, d: int) -> "Requests":
+    def empty(cls, n_blocks: int, h_dim: int, d: int, window: int = 0) -> "Requests":
         return cls(device=np.zeros(0, np.int64), time=np.zeros(0), ready_time=np.zeros(0),
                    beta=np.zeros((0, n_blocks, 2), np.float32), h=np.zeros((0, h_dim), np.float32),
                    user=np.zeros((0, d), np.float32), max_flops=np.zeros(0), max_params=np.zeros(0),
-                   first=np.zeros(0, bool), holds=np.zeros((0, n_blocks), bool))
+                   first=np.zeros(0, bool), holds=np.zeros((0, n_blocks), bool), items=np.zeros((0, window), np.int64))
 
     def __len__(self) -> int:
         return len(self.device)
@@ -76,7 +78,8 @@ class Deliveries:
     candidates: np.ndarray  # [m, N] int64 item ids (dataset ids), best first; [m, 0]: the whole catalogue
     checksum: np.ndarray  # [m] CRC-32 of the sub-model (fl_sim.faults.checksum)
     first: np.ndarray  # [m] bool: the first model, installed before deployment starts
-    weights: list = field(metadata={"row": False})  # per block: [m_k, T_k] float32 generated terms, or None
+    weights: list = field(metadata={"row": False})  # per block: [m_k, T_k] float32 generated terms (DIET:
+    # uint8, its masks packed 8 weights a byte), or None
     # (the shared weights: no mapper)
     refused: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64), metadata={"row": False})
 

@@ -227,6 +227,7 @@ def write_results(cfg, out: Path, rec: Recorder, s: runfiles.Streams, shifts: pd
         "mean_flops_per_inference": float(table["flops"].sum() / max(scored, 1)),
         "mean_params_on_device": float(table["params"].sum() / max(scored, 1)),
         "local_updates": int(table["local_updates"].sum()),  # on-device fine-tuning (method=finetune)
+        "items_revealed": int(table["items_revealed"].sum()),  # item ids requests sent after deployment (DIET)
         "train_flops_per_device_per_day": float(table["train_flops"].sum() / len(table) / max(sim_time / 86400, 1e-9)),
         "budget_violations": int(table["budget_violations"].sum()),
         "budget_unservable": cloud.counts["unservable"],

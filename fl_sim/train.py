@@ -22,6 +22,7 @@ from fl_sim.config_check import check_ranges
 from fl_sim.data import load_dataset
 from fl_sim.errors import ConfigError
 from fl_sim.models import checkpoint, cost
+from fl_sim.models.diet import Masker
 from fl_sim.models.factory import build_model
 from fl_sim.models.payload import PRECISIONS
 from fl_sim.training import EvalResult, FitResult, OfflineData, evaluate, finetune_evaluate, fit
@@ -120,7 +121,9 @@ def train_and_evaluate(cfg: DictConfig) -> dict:
         "flops": test.flops, "params": test.params, "device_train_flops": device_train_flops, "shipped_params": test.shipped_params,
         "flops_ratio_full": test.flops / cost.inference_flops(bb, full),
         "params_ratio_full": test.params / cost.model_params(bb, full),
-        "shipped_bytes": test.shipped_params * {"fp32": 4, "fp16": 2, "int8": 1}[cfg.eval.payload],
+        # per update: the kept blocks' weights at the payload's precision; DIET: its masks, 1 bit a weight
+        "shipped_bytes": (sum(model.mapper.mask_bytes(k) for k in full) if isinstance(model.mapper, Masker)
+                          else test.shipped_params * {"fp32": 4, "fp16": 2, "int8": 1}[cfg.eval.payload]),
         "cloud_head_params": model.mapper.head_params() if model.mapper is not None else 0,
         "backbone_params": sum(p.numel() for p in bb.parameters()),
         **block_report(test, bb.n_blocks),

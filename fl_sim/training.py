@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from fl_sim.data import Interactions, leave_last_out
 from fl_sim.models import cost
+from fl_sim.models.diet import Masker
 from fl_sim.models.payload import shipped_weights
 from fl_sim.models.recommender import Recommender
 
@@ -32,6 +33,15 @@ def left_pad(seqs: list[np.ndarray], T: int) -> torch.Tensor:
         if len(s):
             out[i, T - len(s):] = s
     return torch.from_numpy(out)
+
+
+def same_length(seqs: list, width: int, chunk: int = 4096) -> list[np.ndarray]:
+    """Indices of `seqs` in groups of one length (cut at `width`), at most `chunk` each."""
+    lengths = np.minimum([len(q) for q in seqs], width)
+    order = np.argsort(lengths, kind="stable")
+    cuts = np.flatnonzero(np.diff(lengths[order])) + 1
+    return [part for group in np.split(order, cuts) if len(group)
+            for part in np.split(group, range(chunk, len(group), chunk))]
 
 
 class OfflineData:
@@ -124,7 +134,7 @@ def evaluate(model: Recommender, data: OfflineData, stage: str, protocol: str = 
     users = np.arange(len(data)) if users is None else np.asarray(users)
     # Batches of similar length (a user's result does not depend on its batch: padding is masked).
     by_len = np.argsort(data.split.test[users] - data.inter.indptr[data.split.users[users]], kind="stable")
-    ndcg, hit, gates = [], [], []
+    ndcg, hit, gates, masked_flops = [], [], [], []
     for start in range(0, len(users), batch):
         js = users[by_len[start:start + batch]]
         hist = [data.history(j, stage) for j in js]
@@ -149,6 +159,10 @@ def evaluate(model: Recommender, data: OfflineData, stage: str, protocol: str = 
             rank = (s[:, 1:] > s[:, :1]).sum(1)
         else:
             raise ValueError(f"eval.protocol must be full or sampled100, got {protocol!r}")
+        if isinstance(model.mapper, Masker):  # DIET: what each user's masks leave to compute
+            bb = model.backbone
+            masked_flops.append(cost.inference_flops(bb, []) + sum(
+                model.mapper.flops(bb.blocks[k], k, model.mapper.terms(k, h), T) for k in range(bb.n_blocks)))
         ndcg.append(torch.where(rank < 10, 1.0 / torch.log2(rank.double() + 2), 0.0))
         hit.append((rank < 10).double())
         gates.append(gate)
@@ -161,7 +175,8 @@ def evaluate(model: Recommender, data: OfflineData, stage: str, protocol: str = 
     return EvalResult(
         ndcg10=float(ndcg_u.mean()), hit10=float(hit_u.mean()), users=len(users), per_user_ndcg=ndcg_u,
         gates=gate, kept_blocks=kept, block_usage=gate.mean(0),
-        flops=float(np.mean([cost.inference_flops(bb, b) for b in per_user])),
+        flops=float(np.mean(np.concatenate(masked_flops)) if masked_flops
+                    else np.mean([cost.inference_flops(bb, b) for b in per_user])),
         params=float(np.mean([cost.model_params(bb, b) for b in per_user])),
         shipped_params=float(np.mean([cost.block_params(bb, b) for b in per_user])),
     )

@@ -1,6 +1,7 @@
 """The cloud's answer to requests: one batched pass of the mapper plus retrieval.
 
-For every request the cloud sees (beta, h), a user vector and the budget, never items. It
+For every request the cloud sees (beta, h), a user vector and the budget, never items (DIET's
+requests are items: the cloud encodes them with its own extractor and answers masks). It
 assembles each device's sub-model from the blocks that fit (fl_sim.models.assemble), retrieves
 the top `sim.candidates` items for the user vector (items of the history it holds for that
 device left out), and answers when its own time allows: the request's arrival, any wait in
@@ -18,9 +19,11 @@ import torch
 from fl_sim import runfiles
 from fl_sim.faults import Faults, checksum
 from fl_sim.models import cost
+from fl_sim.models import diet
 from fl_sim.models.assemble import assemble_batch
 from fl_sim.models.forward_ofa import argmax_gate
 from fl_sim.protocol import Deliveries, Requests, candidate_count
+from fl_sim.training import left_pad, same_length
 from strategies import validate
 
 ID_BYTES = 4  # an item id on the wire
@@ -33,9 +36,10 @@ class Cloud:
         bb = self.model.backbone
         self.L, self.d = bb.n_blocks, bb.d
         self.latency = float(cfg.sim.cloud_latency_s)
-        self.h_dim = self.model.extractor.gru.hidden_size if self.model.extractor is not None else 0
+        self.h_dim = self.model.upload_h_dim
+        self.window = self.model.spec.window if self.model.reveals_items else 0  # DIET: items per request
         s = runfiles.load_streams(run_dir)
-        self.n_devices = s.n_devices
+        self.n_devices, self.n_items = s.n_devices, s.n_items
         self.n_cand = candidate_count(cfg, s.n_items)
         self.precision = str(cfg.sim.precision)
         self.payload = cost.Payload(self.model, str(cfg.sim.payload))
@@ -55,7 +59,7 @@ class Cloud:
         return Deliveries.empty(self.L, self.n_cand)
 
     def empty_requests(self) -> Requests:
-        return Requests.empty(self.L, self.h_dim, self.d)
+        return Requests.empty(self.L, self.h_dim, self.d, self.window)
 
     def admit(self, parts: list[Requests | dict]) -> Requests:
         """Requests from every shard as one batch sorted by device (so the batch does not depend
@@ -63,7 +67,7 @@ class Cloud:
         good = []
         for part in parts:
             arrays = part.arrays() if isinstance(part, Requests) else part
-            why = validate.check_part(arrays, self.L, self.h_dim, self.d)
+            why = validate.check_part(arrays, self.L, self.h_dim, self.d, self.window)
             if why is None:
                 good.append(Requests(**{k: arrays[k] for k in validate.REQUEST_KEYS}))
                 continue
@@ -73,7 +77,7 @@ class Cloud:
             return self.empty_requests()
         req = Requests.concat(good)
         req = req.take(np.argsort(req.device, kind="stable"))
-        reason = validate.check_rows(req.arrays(), self.n_devices)
+        reason = validate.check_rows(req.arrays(), self.n_devices, self.n_items)
         for why in np.unique(reason[reason != ""]):
             self._refuse(str(why), int((reason == why).sum()), req.device[reason == why])
         return req.take(reason == "")
@@ -110,6 +114,8 @@ class Cloud:
             return out
         beta = torch.from_numpy(req.beta)
         h = torch.from_numpy(req.h) if req.h.shape[1] else None
+        if self.model.reveals_items:  # DIET: the cloud encodes the items the device revealed
+            h = self.interests(req.items)
         inf = np.full(len(req), np.inf)
         budget_f, budget_p = (inf, inf) if self.static else (req.max_flops, req.max_params)
         a = assemble_batch(self.model, beta if self.model.controller is not None else None, argmax_gate(beta), h,
@@ -135,10 +141,21 @@ class Cloud:
                          weights=[None] * self.L, refused=self._not_served(req.device[~fits]))
         served = torch.from_numpy(fits)
         for k, t in a.terms.items():  # what differs per device (shared weights: none)
-            out.weights[k] = (t[served[torch.from_numpy(a.rows[k])]] if not fits.all() else t).numpy()
+            t = t[served[torch.from_numpy(a.rows[k])]] if not fits.all() else t
+            out.weights[k] = diet.pack(t) if self.model.reveals_items else t.numpy()  # DIET: 1 bit a weight
         rows = out.weight_rows()
         out.checksum[:] = [checksum(out.blocks[i], rows[i], out.candidates[i]) for i in range(len(out))]
         return out
+
+    def interests(self, items: np.ndarray) -> torch.Tensor:
+        """DIET: the extractor over each request's items [r, W] (model ids, 0 pads), in groups of
+        one length, unpadded (the GRU would read padding), so a device's masks do not depend
+        on who asked with it."""
+        recent = [row[row > 0] for row in items]
+        h = torch.zeros(len(items), self.model.extractor.gru.hidden_size)
+        for rows in same_length(recent, self.window):
+            h[torch.from_numpy(rows)] = self.model.encode(left_pad([recent[i] for i in rows], self.window))[2]
+        return h
 
     def retrieve(self, device: np.ndarray, user: np.ndarray, chunk: int = 4096) -> np.ndarray:
         """The top-N items for each user vector, items of the device's history left out (in

@@ -5,11 +5,11 @@ import numpy as np
 from strategies.validate import check_part, check_rows
 
 
-def requests(n=4, L=3, H=2):
+def requests(n=4, L=3, H=2, W=0):
     return {"device": np.arange(n, dtype=np.int64), "time": np.zeros(n), "ready_time": np.zeros(n),
             "beta": np.zeros((n, L, 2), np.float32), "h": np.zeros((n, H), np.float32),
             "user": np.zeros((n, 4), np.float32), "max_flops": np.full(n, 1e9), "max_params": np.full(n, 1e6),
-            "first": np.zeros(n, bool), "holds": np.zeros((n, L), bool)}
+            "first": np.zeros(n, bool), "holds": np.zeros((n, L), bool), "items": np.zeros((n, W), np.int64)}
 
 
 def test_whole_part_shapes():
@@ -34,6 +34,15 @@ def test_rows_refused_by_reason():
     assert reason.tolist() == ["", "", "duplicate", "unknown_device", "not_finite", "negative_budget"]
     req["max_params"][0] = np.inf  # no cap is a valid budget
     assert check_rows(req, n_devices=10)[0] == ""
+
+
+def test_revealed_items_checked():
+    assert check_part(requests(W=5), 3, 2, 4, window=5) is None
+    assert check_part(requests(W=5), 3, 2, 4) == "shape"  # items where the method reveals none
+    assert check_part(requests(), 3, 2, 4, window=5) == "shape"
+    req = requests(3, W=2)
+    req["items"][:] = [[0, 7], [3, 11], [-1, 2]]  # model ids 1..10; 0 pads
+    assert check_rows(req, n_devices=10, n_items=10).tolist() == ["", "unknown_item", "unknown_item"]
 
 
 def test_empty_and_h_free_batches():

@@ -115,6 +115,18 @@ def test_the_attack_end_to_end_with_and_without_the_defence(tmp_path):
     assert noisy["fleet"]["ndcg10"] != duet["fleet"]["ndcg10"]  # the generated models changed with h
 
 
+def test_diet_requests_reveal_their_items(tmp_path):
+    res, out = _attack(tmp_path, "diet", "method=diet")
+    uploads = np.load(out / "fleet/uploads.npz")
+    summary = json.loads((out / "fleet/summary.json").read_text())
+    assert uploads["h"].shape[1] == 0 and uploads["items"].shape[1] == 50  # no h: the items themselves
+    assert summary["items_revealed"] == int((uploads["items"] > 0).sum()) > 0
+    upload = next(r for r in res["rows"] if r["attack"] == "upload")
+    assert upload["uses"] == "items" and res["alignment"]["checked"] == res["uploads_attacked"]
+    for key in ("window_recall10", "window_ndcg10", "membership_auc"):
+        assert upload[key] == pytest.approx(1.0), key
+
+
 def test_a_method_without_an_attack_is_refused(tmp_path):
     res = run_module("fl_sim.privacy", *SMALL, *FAST, "method=finetune", f"output_dir={tmp_path / 'x'}",
                      env={"FL_SIM_CACHE": str(tmp_path / "cache")})

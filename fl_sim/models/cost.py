@@ -81,7 +81,9 @@ class Payload:
 
     `full`: every kept block's whole weights, as the paper ships them. `delta`: what the mapper
     generated for each kept block (its terms), plus a kept block's shared weights where the
-    device does not hold them yet. Without a mapper both ship the blocks' shared weights.
+    device does not hold them yet. Without a mapper both ship the blocks' shared weights. DIET
+    (a mapper with `mask_bytes`): its masks at 1 bit a weight, plus the frozen shared blocks the
+    first time, in either mode.
     """
 
     def __init__(self, model, mode: str = "full"):
@@ -96,11 +98,17 @@ class Payload:
         self.terms_tensors = np.array([len(mapper.names[k]) + 2 * len(mapper.factored[k]) if mapper is not None
                                        else 0 for k in range(len(blocks))], np.int64)
         self.generated = mapper is not None
+        # DIET: its masks, 1 bit a weight, in either mode (the frozen blocks ship once, as `delta` does)
+        self.masks = np.array([mapper.mask_bytes(k) for k in range(len(blocks))], np.int64) \
+            if hasattr(mapper, "mask_bytes") else None
 
     def bytes(self, keep, holds):
         """keep, holds: [m, L] bool (the answer's blocks; the blocks whose shared weights the
         device holds). Returns [m] int64."""
         whole = payload_bytes(keep @ self.whole, keep @ self.whole_tensors)
+        if self.masks is not None:
+            new = keep & ~holds
+            return (keep @ self.masks + payload_bytes(new @ self.whole, new @ self.whole_tensors)).astype(np.int64)
         if self.mode == "full" or not self.generated:
             return whole.astype(np.int64)
         new = keep & ~holds

@@ -9,6 +9,7 @@
 | duet | all blocks | generated from h |
 | first_k / last_k / random_k | fixed k blocks | generated from (structure, h) |
 | finetune | all blocks | shared, fine-tuned on the device |
+| diet | all blocks | frozen random, masked per device from its recent items (fl_sim/models/diet.py) |
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 from torch import nn
 
 from fl_sim.models.backbone import Backbone
+from fl_sim.models.diet import Masker
 from fl_sim.models.forward_ofa import Controller, Extractor, Mapper, argmax_gate, compact_loss, gumbel_gate
 
 
@@ -35,13 +37,15 @@ class MethodSpec:
     generate: str = "full"
     rank: int = 4  # factor rank for generate=lowrank
     window: int = 50  # recent items read by controller and E'
+    keep: float = 0.5  # generate=mask (DIET): share of each weight matrix a device's mask keeps
 
     @classmethod
     def from_cfg(cls, mcfg) -> "MethodSpec":
         return cls(name=mcfg.name, structure=mcfg.structure, mapper=bool(mcfg.mapper),
                    structural=bool(mcfg.structural), k=int(mcfg.get("k", 3)), tau=float(mcfg.get("tau", 5.0)),
                    lam=float(mcfg.get("lam", 0.0)), generate=mcfg.get("generate", "full"),
-                   rank=int(mcfg.get("rank", 4)), window=int(mcfg.get("window", 50)))
+                   rank=int(mcfg.get("rank", 4)), window=int(mcfg.get("window", 50)),
+                   keep=float(mcfg.get("keep", 0.5)))
 
 
 class Recommender(nn.Module):
@@ -53,7 +57,21 @@ class Recommender(nn.Module):
             raise ValueError(f"method.k must be in [0, {L}], got {spec.k}")
         self.controller = Controller(d, hidden, L) if spec.structure == "learned" else None
         self.extractor = Extractor(d, hidden, L, spec.structural) if spec.mapper else None
-        self.mapper = Mapper(backbone.blocks, hidden, spec.generate, spec.rank) if spec.mapper else None
+        if spec.mapper and spec.generate == "mask":  # DIET: the blocks stay as initialised
+            self.mapper = Masker(backbone.blocks, hidden, spec.keep)
+            backbone.blocks.requires_grad_(False)
+        else:
+            self.mapper = Mapper(backbone.blocks, hidden, spec.generate, spec.rank) if spec.mapper else None
+
+    @property
+    def reveals_items(self) -> bool:
+        """DIET: the cloud runs the extractor, so a request carries the device's recent items."""
+        return isinstance(self.mapper, Masker)
+
+    @property
+    def upload_h_dim(self) -> int:
+        """Size of the interest h a device computes and uploads (0: none)."""
+        return 0 if self.extractor is None or self.reveals_items else self.extractor.gru.hidden_size
 
     # ---- device side -------------------------------------------------------------------
     def fixed_gate(self, n: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
