@@ -28,14 +28,15 @@ SHARED = Path(os.environ.get("FL_SIM_SHARED", ROOT.parent / "shared")) / "data"
 DATA = {"ml1m_sas": SHARED / "ml-1m/ml-1m-sas.txt.gz", "beauty": SHARED / "beauty/Beauty.txt"}
 RESULTS = ROOT / "benchmarks/results/reproduction.json"
 METHODS = ["device_rec", "forward_ofa", "forward_ofa_no_struct", "controller_only", "duet", "first_k", "last_k",
-           "random_k", "finetune"]
+           "random_k", "finetune", "diet"]
 PAPER = {  # SASRec, ML-1M, NDCG@10 / Hit@10 (Forward-OFA paper, Tables 1-3)
     ("ml1m_sas", "sasrec", "device_rec"): (0.0969, 0.1816), ("ml1m_sas", "sasrec", "controller_only"): (0.0946, 0.1765),
     ("ml1m_sas", "sasrec", "duet"): (0.1140, 0.2050), ("ml1m_sas", "sasrec", "forward_ofa_no_struct"): (0.1166, 0.2068),
     ("ml1m_sas", "sasrec", "forward_ofa"): (0.1182, 0.2081), ("ml1m_sas", "sasrec", "first_k"): (0.0174, None),
     ("ml1m_sas", "nextitnet", "device_rec"): (0.0975, 0.1846), ("ml1m_sas", "nextitnet", "forward_ofa"): (0.1226, 0.2140),
 }
-MEAN_KEYS = ("ndcg10", "hit10", "valid_ndcg10", "flops", "params", "shipped_params", "kept_blocks_mean", "train_s")
+MEAN_KEYS = ("ndcg10", "hit10", "valid_ndcg10", "flops", "params", "shipped_params", "shipped_bytes",
+             "kept_blocks_mean", "train_s")
 
 
 def command(dataset: str, model: str, method: str, seed: int, minutes: float, overrides: list[str]) -> list[str]:
@@ -62,7 +63,7 @@ def row(name: str, dataset: str, model: str, method: str, minutes: float, overri
     out = {"name": name, "method": method, "model": model, "dataset": dataset, "seeds": seeds,
            "max_minutes": minutes, "overrides": overrides,
            "command": " ".join(command(dataset, model, method, seeds[0], minutes, overrides)),
-           **{k: statistics.mean(r[k] for r in runs) for k in MEAN_KEYS},
+           **{k: statistics.mean(r[k] for r in runs) for k in MEAN_KEYS if k in runs[0]},
            "ndcg10_per_seed": [r["ndcg10"] for r in runs], "epochs": [r["epochs"] for r in runs],
            "stopped": [r["stopped"] for r in runs], "eval_users": runs[0].get("eval_users", "all")}
     if all("by_users" in r for r in runs):  # test figures per user group (all / complete / gap)

@@ -83,24 +83,18 @@ class Masker(nn.Module):
     def terms(self, k: int, h: torch.Tensor) -> torch.Tensor:
         """Block k's masks for interests h: [B, n] with 1 where a weight is kept (in training
         the hard mask carries the straight-through gradient of the scores)."""
-        out = self.heads[k](h)
-        B, n, pos, parts = h.shape[0], self.sizes[k], 0, []
-        for _, shape in self.shapes[k]:
-            R, size = shape[0], math.prod(shape)
-            s = torch.sigmoid(out[:, pos:pos + size]).view(B, R, -1)
-            pos += size
-            parts.append(s)
-        row_pos = n
+        shapes = self.shapes[k]
+        rows = [s[0] for _, s in shapes]
+        # split, not sliced: a slice's gradient would fill a zero tensor of the head's whole output
+        parts = torch.split(self.heads[k](h), [math.prod(s) for _, s in shapes] + rows, dim=1)
         masks = []
-        for s in parts:
-            R = s.shape[1]
-            r = torch.softmax(out[:, row_pos:row_pos + R], dim=1) * R
-            row_pos += R
-            c = (s * r.unsqueeze(-1)).flatten(1)
+        for s, r, R in zip(parts[:len(shapes)], parts[len(shapes):], rows):
+            c = (torch.sigmoid(s).view(h.shape[0], R, -1) * (torch.softmax(r, dim=1) * R).unsqueeze(-1)).flatten(1)
             n_keep = max(1, round(self.keep * c.shape[1]))
-            kth = torch.topk(c, n_keep, dim=1, sorted=False).values.min(dim=1, keepdim=True).values
-            hard = (c >= kth).to(c.dtype)
-            masks.append(hard + (c - c.detach()) if torch.is_grad_enabled() and c.requires_grad else hard)
+            with torch.no_grad():
+                kth = torch.topk(c, n_keep, dim=1, sorted=False).values.min(dim=1, keepdim=True).values
+                hard = (c >= kth).to(c.dtype)
+            masks.append(hard + (c - c.detach()) if c.requires_grad else hard)
         return torch.cat(masks, 1)
 
     def block_params(self, block: Block, k: int, h: torch.Tensor) -> dict:
@@ -114,16 +108,11 @@ class Masker(nn.Module):
         """Block k's weights under masks [B, n] (or packed [B, n / 8] uint8): each matrix the
         shared frozen one times the device's mask; the rest the shared terms."""
         mask = self._mask(k, terms)
-        B, out, pos = mask.shape[0], {}, 0
-        masked = dict(self.shapes[k])
-        for name, shape in block.shapes:
-            base = getattr(block, name)
-            if name in masked:
-                n = math.prod(shape)
-                out[name] = base * mask[:, pos:pos + n].view(B, *shape)
-                pos += n
-            else:
-                out[name] = base
+        B = mask.shape[0]
+        out = {name: getattr(block, name) for name, _ in block.shapes}
+        parts = torch.split(mask, [math.prod(s) for _, s in self.shapes[k]], dim=1)
+        for (name, shape), m in zip(self.shapes[k], parts):
+            out[name] = out[name] * m.view(B, *shape)
         return out
 
     @torch.no_grad()
