@@ -3,13 +3,16 @@
     python benchmarks/reproduce.py [--dataset ml1m_sas] [--model sasrec] [--methods device_rec forward_ofa ...]
                                    [--seeds 0 1 2] [--max-minutes 30] [--minutes-for forward_ofa=25]
                                    [--extra key=value ...] [--tag " (label)"]
+    python benchmarks/reproduce.py --plot-only
 
 Trains each method with `python -m fl_sim.train` (early stopping on the validation item,
 capped at --max-minutes), then, after `forward_ofa`, a depth-matched `device_rec` with as many
 blocks as forward_ofa keeps on average. Each row of benchmarks/results/reproduction.json names
 its method, model, data set, seeds, cap and the overrides it ran with (the command that
 reproduces it); rows of earlier invocations are kept, a row of the same name and data set is
-replaced. Prints a Markdown table beside the paper's numbers.
+replaced. Prints a Markdown table beside the paper's numbers and draws
+benchmarks/results/reproduction.png (NDCG@10 against FLOPs per inference, the paper's ratios
+marked).
 """
 
 from __future__ import annotations
@@ -34,6 +37,12 @@ PAPER = {  # SASRec, ML-1M, NDCG@10 / Hit@10 (Forward-OFA paper, Tables 1-3)
     ("ml1m_sas", "sasrec", "duet"): (0.1140, 0.2050), ("ml1m_sas", "sasrec", "forward_ofa_no_struct"): (0.1166, 0.2068),
     ("ml1m_sas", "sasrec", "forward_ofa"): (0.1182, 0.2081), ("ml1m_sas", "sasrec", "first_k"): (0.0174, None),
     ("ml1m_sas", "nextitnet", "device_rec"): (0.0975, 0.1846), ("ml1m_sas", "nextitnet", "forward_ofa"): (0.1226, 0.2140),
+}
+# The paper's ratios to DeviceRec, (FLOPs, NDCG@10), per model: where its claims would put each
+# method beside this project's own device_rec (Table 1; FLOPs in its own units).
+PAPER_RATIOS = {
+    "sasrec": {"duet": (0.6244 / 0.6244, 0.1140 / 0.0969), "forward_ofa": (0.5699 / 0.6244, 0.1182 / 0.0969)},
+    "nextitnet": {"forward_ofa": (0.6167 / 1.5053, 0.1226 / 0.0975)},
 }
 MEAN_KEYS = ("ndcg10", "hit10", "valid_ndcg10", "flops", "params", "shipped_params", "shipped_bytes",
              "kept_blocks_mean", "train_s")
@@ -88,7 +97,11 @@ def main() -> None:
     parser.add_argument("--extra", nargs="*", default=[], help="more key=value overrides for every run")
     parser.add_argument("--tag", default="", help="suffix for this invocation's row names")
     parser.add_argument("--no-depth-matched", action="store_true")
+    parser.add_argument("--plot-only", action="store_true", help="redraw reproduction.png from the results")
     args = parser.parse_args()
+    if args.plot_only:
+        plot(json.loads(RESULTS.read_text())["rows"], RESULTS.with_name("reproduction.png"))
+        return
     minutes = {m: float(v) for m, v in (x.split("=") for x in args.minutes_for)}
     for method in args.methods:
         cap = minutes.get(method, args.max_minutes)
@@ -114,6 +127,7 @@ def write(new_rows: list[dict]) -> None:
             r[f"{key}_vs_device_rec"] = r[key] / base[key] if base else None
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps({"rows": rows}, indent=1) + "\n")
+    plot(rows, RESULTS.with_name("reproduction.png"))
     print("| data set | model | method | NDCG@10 | Hit@10 | vs device_rec | FLOPs x | params x | blocks kept | paper |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
@@ -122,6 +136,34 @@ def write(new_rows: list[dict]) -> None:
         print(f"| {r['dataset']} | {r['model']} | {r['name']} | {r['ndcg10']:.4f} | {r['hit10']:.4f} | "
               f"{rel('ndcg10_vs_device_rec')} | {rel('flops_vs_device_rec')} | {rel('params_vs_device_rec')} | "
               f"{r['kept_blocks_mean']:.2f} | {paper} |")
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """NDCG@10 against FLOPs per inference, one panel per data set and model, every row a point;
+    crosses where the paper's ratios to DeviceRec would put its methods beside this device_rec."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = sorted({(r["dataset"], r["model"]) for r in rows})
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.6), squeeze=False)
+    for ax, (dataset, model) in zip(axes[0], panels):
+        mine = [r for r in rows if (r["dataset"], r["model"]) == (dataset, model)]
+        for r in mine:
+            ax.scatter(r["flops"] / 1e6, r["ndcg10"], color="C3" if r["method"] == "device_rec" else "C0", s=18)
+            ax.annotate(r["name"], (r["flops"] / 1e6, r["ndcg10"]), fontsize=6, xytext=(3, 2),
+                        textcoords="offset points")
+        base = next((r for r in mine if r["name"] == "device_rec"), None)
+        for method, (f, n) in PAPER_RATIOS.get(model, {}).items() if base else ():
+            ax.scatter(base["flops"] * f / 1e6, base["ndcg10"] * n, marker="x", color="k", s=30)
+            ax.annotate(f"paper: {method} ({n:.2f}x NDCG, {f:.2f}x FLOPs)", (base["flops"] * f / 1e6, base["ndcg10"] * n),
+                        fontsize=6, xytext=(3, -8), textcoords="offset points")
+        ax.set(xlabel="MFLOPs per inference", ylabel="test NDCG@10 (all users)", title=f"{dataset}, {model}")
+        ax.set_ylim(bottom=0)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
