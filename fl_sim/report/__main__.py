@@ -18,7 +18,7 @@ from fl_sim.report.load import find_runs, labels
 COLUMNS = ["run", "devices", "ndcg10", "hit10", "requests_per_device_day", "update_bytes_per_device_day",
            "bytes_per_device_day", "candidate_bytes_per_device_day", "install_delay_median_s", "install_delay_p90_s",
            "mflops_per_inference", "kparams_on_device", "shift_recall", "shift_precision", "requests_per_shift",
-           "budget_violations", "wall_s"]
+           "items_revealed_per_request", "budget_violations", "wall_s"]
 
 
 def report(paths: list[str], out: Path, horizon: int = 10) -> dict:

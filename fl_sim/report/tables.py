@@ -19,7 +19,9 @@ def run_row(run: Run, label: str, horizon: int) -> dict:
            "mflops_per_inference": s["mean_flops_per_inference"] / 1e6,
            "kparams_on_device": s["mean_params_on_device"] / 1e3,
            "events_evaluated": s["events_evaluated"], "events_total": s["events_total"],
-           "budget_violations": s["budget_violations"], "wall_s": s["wall_s"], "path": str(run.path)}
+           "budget_violations": s["budget_violations"], "wall_s": s["wall_s"], "path": str(run.path),
+           # item ids requests revealed to the cloud (DIET's requests carry them; 0 for the rest)
+           "items_revealed_per_request": s.get("items_revealed", 0) / max(s["requests"], 1)}
     if "bytes_down_candidates" in s:
         row["candidate_bytes_per_device_day"] = s["bytes_down_candidates"] / s["num_devices"] / run.days
         row["model_bytes_per_device_day"] = s["bytes_down_model"] / s["num_devices"] / run.days
