@@ -5,7 +5,6 @@ moment the download ends. A refusal frees the device to ask again.
 
 from __future__ import annotations
 
-import math
 import zlib
 
 import numpy as np
@@ -88,7 +87,7 @@ def receive(fx: Fixed, st: Devices, d: Deliveries) -> None:
                 at = max(at, ready)
                 st.local[j] = None
         st.pending[j] = (Model(blocks=d.blocks[i].copy(), weights=weights, candidates=d.candidates[i].copy(),
-                               flops=float(flops[i]) if fx.model.reveals_items else math.nan), at)
+                               flops=float(flops[i])), at)
         if d.first[i]:
             install(st, j)
         else:

@@ -21,11 +21,10 @@ from fl_sim.devices import counter_rng
 from fl_sim.devices.budget import device_budgets
 from fl_sim.models import cost
 from fl_sim.models.finetune import finetune_blocks
-from fl_sim.protocol import Requests
+from fl_sim.protocol import ID_BYTES, Requests
 from fl_sim.training import left_pad, same_length
 
 FLOAT_BYTES = 4
-ID_BYTES = 4  # an item id on the wire
 _NOISE = 210  # counter_rng streams of the upload defence (210: devices, 211: the attacker's training uploads)
 
 

@@ -19,7 +19,6 @@ pass again: the same numbers, computed once per chunk and model.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -203,10 +202,7 @@ def _emit(fx: Fixed, out: Scored, jobs: list) -> None:
     o_all = np.concatenate(o_all)
     out.user[o_all] = torch.cat(users).numpy()
     blocks = out.blocks[o_all]
-    out.flops[o_all] = fx.base_flops + blocks @ fx.block_flops
-    masked = [(o, c1 - c0, model.flops) for _, model, c0, c1, o, *_ in jobs if not math.isnan(model.flops)]
-    for o, n, flops in masked:  # DIET: what the device's masks leave to compute
-        out.flops[o:o + n] = flops
+    out.flops[o_all] = np.repeat([model.flops for _, model, *_ in jobs], [c1 - c0 for _, _, c0, c1, *_ in jobs])
     out.params[o_all] = fx.base_params + blocks @ fx.block_params
     if not o_sc:
         return

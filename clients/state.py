@@ -101,7 +101,7 @@ class Model:
     blocks: np.ndarray
     weights: dict | None
     candidates: np.ndarray
-    flops: float = math.nan  # per inference when its weights decide it (DIET's masks); nan: from its blocks
+    flops: float = math.nan  # per inference, as the device computed it on receipt (DIET: under its masks)
 
 
 def pack_models(models: list) -> dict:

@@ -44,7 +44,7 @@ ATTACKS = {
     "forward_ofa": [("beta",), ("h",), ("beta", "h"), ("user",), ("beta", "h", "user")],
     "duet": [("h",), ("user",), ("h", "user")],
     "device_rec": [("user",)],
-    "diet": [],  # its request is the items themselves: read, not inverted (`_revealed`)
+    "diet": [],  # its request is the items themselves: read from the log, not inverted
 }
 
 
@@ -337,13 +337,8 @@ def _check_alignment(model, windows, device, ends, uploads, seed, h_noise) -> di
 
 def _check_items(windows: np.ndarray, uploads: dict) -> dict:
     """DIET: the items each logged request carried are the truth window (as sets, in order)."""
-    logged = uploads["items"]
-    W = logged.shape[1]
-    truth = np.full((len(windows), W), -1, np.int64)
-    for i, w in enumerate(windows):
-        w = w[w >= 0][-W:]
-        truth[i, W - len(w):] = w
-    bad = int((np.where(logged > 0, logged - 1, -1) != truth).any(1).sum())
+    logged = uploads["items"]  # model ids, 0 pads; the windows: dataset ids, -1 pads, the same width
+    bad = int((np.where(logged > 0, logged - 1, -1) != windows).any(1).sum())
     if bad:
         raise FlSimError(f"{bad} logged requests carry other items than the stream holds before them: "
                          "the attack's truth would be wrong")

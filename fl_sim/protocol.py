@@ -27,6 +27,9 @@ from typing import Optional
 import numpy as np
 
 
+ID_BYTES = 4  # an item id on the wire
+
+
 def _take(arrays, keep):
     return {f.name: getattr(arrays, f.name)[keep] for f in fields(arrays) if f.metadata.get("row", True)}
 

@@ -140,7 +140,15 @@ def evaluate(model: Recommender, data: OfflineData, stage: str, protocol: str = 
         hist = [data.history(j, stage) for j in js]
         tgt = torch.tensor([data.target(j, stage) - 1 for j in js])
         beta, gate, h = model.encode(left_pad(hist, W), gen)
-        params = shipped_weights(model, model.generate(h), payload)
+        if isinstance(model.mapper, Masker):  # DIET: its masks once, for the weights and what they leave to compute
+            bb = model.backbone
+            masks = [model.mapper.terms(k, h) for k in range(bb.n_blocks)]
+            generated = [model.mapper.params_from_terms(b, k, m) for k, (b, m) in enumerate(zip(bb.blocks, masks))]
+            masked_flops.append(cost.inference_flops(bb, []) + sum(
+                model.mapper.flops(b, k, m, T) for k, (b, m) in enumerate(zip(bb.blocks, masks))))
+        else:
+            generated = model.generate(h)
+        params = shipped_weights(model, generated, payload)
         gate_arg = None if model.spec.structure == "all" else gate
         hidden = model.backbone(left_pad(hist, T), gate=gate_arg, params=params)[:, -1]
         scores = model.backbone.scores(hidden)
@@ -159,10 +167,6 @@ def evaluate(model: Recommender, data: OfflineData, stage: str, protocol: str = 
             rank = (s[:, 1:] > s[:, :1]).sum(1)
         else:
             raise ValueError(f"eval.protocol must be full or sampled100, got {protocol!r}")
-        if isinstance(model.mapper, Masker):  # DIET: what each user's masks leave to compute
-            bb = model.backbone
-            masked_flops.append(cost.inference_flops(bb, []) + sum(
-                model.mapper.flops(bb.blocks[k], k, model.mapper.terms(k, h), T) for k in range(bb.n_blocks)))
         ndcg.append(torch.where(rank < 10, 1.0 / torch.log2(rank.double() + 2), 0.0))
         hit.append((rank < 10).double())
         gates.append(gate)

@@ -22,12 +22,9 @@ from fl_sim.models import cost
 from fl_sim.models import diet
 from fl_sim.models.assemble import assemble_batch
 from fl_sim.models.forward_ofa import argmax_gate
-from fl_sim.protocol import Deliveries, Requests, candidate_count
+from fl_sim.protocol import ID_BYTES, Deliveries, Requests, candidate_count
 from fl_sim.training import left_pad, same_length
 from strategies import validate
-
-ID_BYTES = 4  # an item id on the wire
-
 
 class Cloud:
     def __init__(self, run_dir: str):
