@@ -2,7 +2,7 @@
 
     python benchmarks/reproduce.py [--dataset ml1m_sas] [--model sasrec] [--methods device_rec forward_ofa ...]
                                    [--seeds 0 1 2] [--max-minutes 30] [--minutes-for forward_ofa=25]
-                                   [--extra key=value ...] [--tag " (label)"]
+                                   [--extra key=value ...] [--tag " (label)"] [--threads N]
     python benchmarks/reproduce.py --plot-only
 
 Trains each method with `python -m fl_sim.train` (early stopping on the validation item,
@@ -18,6 +18,7 @@ marked).
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import statistics
@@ -25,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("FL_SIM_SHARED", ROOT.parent / "shared")) / "data"
@@ -54,13 +56,17 @@ def command(dataset: str, model: str, method: str, seed: int, minutes: float, ov
             f"method={method}", f"seed={seed}", f"train.max_minutes={minutes}", *overrides]
 
 
-def train(dataset: str, model: str, method: str, seed: int, minutes: float, overrides: list[str]) -> dict:
+def train(dataset: str, model: str, method: str, seed: int, minutes: float, overrides: list[str],
+          threads: Optional[int] = None) -> dict:
     out = Path(tempfile.mkdtemp(prefix=f"{method}-{seed}-"))
     cmd = command(dataset, model, method, seed, minutes, overrides)
     print("+", " ".join(cmd[2:]), flush=True)
-    subprocess.run([sys.executable, *cmd[1:], f"output_dir={out}"], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    env = os.environ | ({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)} if threads else {})
+    subprocess.run([sys.executable, *cmd[1:], f"output_dir={out}"], cwd=ROOT, check=True, stdout=subprocess.DEVNULL,
+                   env=env)
     metrics = json.loads((out / "metrics.json").read_text())
     metrics.pop("history", None)
+    metrics["threads"] = threads or os.cpu_count()
     return metrics
 
 
@@ -74,7 +80,8 @@ def row(name: str, dataset: str, model: str, method: str, minutes: float, overri
            "command": " ".join(command(dataset, model, method, seeds[0], minutes, overrides)),
            **{k: statistics.mean(r[k] for r in runs) for k in MEAN_KEYS if k in runs[0]},
            "ndcg10_per_seed": [r["ndcg10"] for r in runs], "epochs": [r["epochs"] for r in runs],
-           "stopped": [r["stopped"] for r in runs], "eval_users": runs[0].get("eval_users", "all")}
+           "stopped": [r["stopped"] for r in runs], "best_epoch": [r.get("best_epoch") for r in runs],
+           "threads": runs[0].get("threads"), "eval_users": runs[0].get("eval_users", "all")}
     if all("by_users" in r for r in runs):  # test figures per user group (all / complete / gap)
         out["by_users"] = {g: {k: statistics.mean(r["by_users"][g][k] for r in runs) for k in ("ndcg10", "hit10")}
                            | {"users": runs[0]["by_users"][g]["users"]} for g in runs[0]["by_users"]}
@@ -97,6 +104,8 @@ def main() -> None:
     parser.add_argument("--extra", nargs="*", default=[], help="more key=value overrides for every run")
     parser.add_argument("--tag", default="", help="suffix for this invocation's row names")
     parser.add_argument("--no-depth-matched", action="store_true")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads per run (default: all cores); 1 lets two runs share 2 cores")
     parser.add_argument("--plot-only", action="store_true", help="redraw reproduction.png from the results")
     args = parser.parse_args()
     if args.plot_only:
@@ -105,18 +114,27 @@ def main() -> None:
     minutes = {m: float(v) for m, v in (x.split("=") for x in args.minutes_for)}
     for method in args.methods:
         cap = minutes.get(method, args.max_minutes)
-        runs = [train(args.dataset, args.model, method, s, cap, args.extra) for s in args.seeds]
+        runs = [train(args.dataset, args.model, method, s, cap, args.extra, args.threads) for s in args.seeds]
         rows = [row(method + args.tag, args.dataset, args.model, method, cap, args.extra, runs)]
         if method == "forward_ofa" and not args.no_depth_matched:  # the depth-matched baseline right after it
             k = max(1, round(statistics.mean(r["kept_blocks_mean"] for r in runs)))
             cap = minutes.get("device_rec", args.max_minutes)
             extra = [x for x in args.extra if not x.lstrip("+").startswith("method.")] + [f"model.n_blocks={k}"]
-            runs = [train(args.dataset, args.model, "device_rec", s, cap, extra) for s in args.seeds]
+            runs = [train(args.dataset, args.model, "device_rec", s, cap, extra, args.threads) for s in args.seeds]
             rows.append(row(f"device_rec ({k} blocks)", args.dataset, args.model, "device_rec", cap, extra, runs))
         write(rows)
 
 
 def write(new_rows: list[dict]) -> None:
+    """Adds the rows to the results file (under a lock: several invocations may share it)."""
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    with open(RESULTS.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        rows = _merge(new_rows)
+    table(rows)
+
+
+def _merge(new_rows: list[dict]) -> list[dict]:
     rows = json.loads(RESULTS.read_text())["rows"] if RESULTS.exists() else []
     for new in new_rows:
         rows = [r for r in rows if (r["name"], r["dataset"]) != (new["name"], new["dataset"])] + [new]
@@ -125,15 +143,23 @@ def write(new_rows: list[dict]) -> None:
                      and b["model"] == r["model"]), None)
         for key in ("ndcg10", "flops", "params", "shipped_params"):
             r[f"{key}_vs_device_rec"] = r[key] / base[key] if base else None
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"rows": rows}, indent=1) + "\n")
+    tmp = RESULTS.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"rows": rows}, indent=1) + "\n")
+    tmp.replace(RESULTS)
     plot(rows, RESULTS.with_name("reproduction.png"))
-    print("| data set | model | method | NDCG@10 | Hit@10 | vs device_rec | FLOPs x | params x | blocks kept | paper |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    return rows
+
+
+def table(rows: list[dict]) -> None:
+    print("| data set | model | method | NDCG@10 | Hit@10 | complete users NDCG@10 | vs device_rec | FLOPs x | "
+          "params x | blocks kept | paper |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         rel = lambda k: f"{r[k]:.2f}" if r.get(k) is not None else "-"  # noqa: E731
         paper = f"{r['paper_ndcg10']:.4f}" if r["paper_ndcg10"] else "-"
+        complete = r.get("by_users", {}).get("complete", {}).get("ndcg10")
         print(f"| {r['dataset']} | {r['model']} | {r['name']} | {r['ndcg10']:.4f} | {r['hit10']:.4f} | "
+              f"{'-' if complete is None else f'{complete:.4f}'} | "
               f"{rel('ndcg10_vs_device_rec')} | {rel('flops_vs_device_rec')} | {rel('params_vs_device_rec')} | "
               f"{r['kept_blocks_mean']:.2f} | {paper} |")
 

@@ -34,6 +34,8 @@ RANGES: dict[str, tuple] = {
     "train.max_minutes": (0, None, False, False),
     "train.ce_positions": (0, None, True, True),
     "train.weight_decay": (0, None, True, False),
+    "train.lr_decay": (0, 1, False, False),
+    "train.decay_patience": (1, None, True, True),
     "devices.latency_s": (0, 1, False, False),
     "devices.compute_share": (0, 1, False, False),
     "devices.memory_share": (0, 1, False, False),

@@ -98,7 +98,8 @@ def train_and_evaluate(cfg: DictConfig) -> dict:
     else:
         result = fit(model, data, lr=t.lr, batch=t.batch, max_epochs=t.max_epochs, patience=t.patience,
                      max_minutes=t.max_minutes, eval_every=t.eval_every, seed=cfg.seed,
-                     weight_decay=t.weight_decay, ce_positions=t.ce_positions, progress=progress)
+                     weight_decay=t.weight_decay, ce_positions=t.ce_positions, lr_decay=t.lr_decay,
+                     decay_patience=t.decay_patience, progress=progress)
         checkpoint.save(out / "checkpoint.pt", model, fp, {"fit": dataclasses.asdict(result)})
     bar.close()
     device_train_flops = 0.0

@@ -222,11 +222,17 @@ class FitResult:
 
 def fit(model: Recommender, data: OfflineData, lr: float = 1e-3, batch: int = 128, max_epochs: int = 200,
         patience: int = 5, max_minutes: float = 30.0, eval_every: int = 1, seed: int = 0, weight_decay: float = 0.0,
-        ce_positions: int = 0, progress=None) -> FitResult:
-    """Adam, early stopping on validation NDCG@10; restores the best weights."""
+        ce_positions: int = 0, lr_decay: float = 1.0, decay_patience: int = 2, progress=None) -> FitResult:
+    """Adam, early stopping on validation NDCG@10; restores the best weights.
+
+    lr_decay < 1: the learning rate is multiplied by it after `decay_patience` validations
+    without a better NDCG@10 (a plateau schedule; early stopping still counts from the best).
+    """
     torch.manual_seed(seed)
     rng = np.random.default_rng([seed, 5])
     opt = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=weight_decay)
+    plateau = (torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=lr_decay, patience=decay_patience,
+                                                          threshold=0.0) if lr_decay < 1.0 else None)
     start = time.perf_counter()
     best, best_state, best_epoch, bad, history = -1.0, None, 0, 0, []
     stopped = "max_epochs"
@@ -243,7 +249,10 @@ def fit(model: Recommender, data: OfflineData, lr: float = 1e-3, batch: int = 12
         row = {"epoch": epoch, "loss": float(np.mean(losses)), "elapsed_s": time.perf_counter() - start}
         if epoch % eval_every == 0:
             val = evaluate(model, data, "valid", seed=seed)
-            row.update(valid_ndcg10=val.ndcg10, valid_hit10=val.hit10, kept_blocks=float(val.kept_blocks.mean()))
+            row.update(valid_ndcg10=val.ndcg10, valid_hit10=val.hit10, kept_blocks=float(val.kept_blocks.mean()),
+                       lr=opt.param_groups[0]["lr"])
+            if plateau is not None:
+                plateau.step(val.ndcg10)
             if val.ndcg10 > best:
                 best, best_epoch, bad = val.ndcg10, epoch, 0
                 best_state = copy.deepcopy(model.state_dict())

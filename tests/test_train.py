@@ -38,6 +38,27 @@ def test_training_learns(ml100k, method):
     assert after.ndcg10 == pytest.approx(result.best_valid)
 
 
+def test_plateau_schedule_follows_validation(ml100k):
+    """The learning rate halves exactly after `decay_patience` epochs without a better validation
+    NDCG@10, recomputed here from the recorded validation history."""
+    data, cfg = ml100k
+    torch.manual_seed(0)
+    model = small_model(cfg, "device_rec", data)
+    result = fit(model, data, lr=0.05, batch=256, max_epochs=8, patience=8, ce_positions=10, lr_decay=0.5,
+                 decay_patience=1)
+    expected, lr, best, bad = [], 0.05, -1.0, 0
+    for row in result.history:
+        expected.append(lr)  # the rate this epoch trained with
+        if row["valid_ndcg10"] > best:
+            best, bad = row["valid_ndcg10"], 0
+        else:
+            bad += 1
+            if bad > 1:
+                lr, bad = lr * 0.5, 0
+    assert [row["lr"] for row in result.history] == pytest.approx(expected)
+    assert expected[-1] < 0.05  # lr 0.05 is too high for this model: validation stalls and the rate falls
+
+
 def test_sampled_protocol_is_easier(ml100k):
     data, cfg = ml100k
     model = small_model(cfg, "device_rec", data)
