@@ -1,7 +1,7 @@
 """The offline reproduction table (full ranking, leave-last-out).
 
     python benchmarks/reproduce.py [--dataset ml1m_sas] [--model sasrec] [--methods device_rec forward_ofa ...]
-                                   [--seeds 0 1 2] [--max-minutes 30] [--minutes-for forward_ofa=25]
+                                   [--seeds 0 1 2] [--max-minutes 60] [--minutes-for forward_ofa=25]
                                    [--extra key=value ...] [--tag " (label)"] [--threads N]
     python benchmarks/reproduce.py --plot-only
 
@@ -99,7 +99,7 @@ def main() -> None:
     parser.add_argument("--model", default="sasrec")
     parser.add_argument("--methods", nargs="+", default=METHODS)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
-    parser.add_argument("--max-minutes", type=float, default=30)
+    parser.add_argument("--max-minutes", type=float, default=60)
     parser.add_argument("--minutes-for", nargs="*", default=[], help="per-method caps: METHOD=MINUTES")
     parser.add_argument("--extra", nargs="*", default=[], help="more key=value overrides for every run")
     parser.add_argument("--tag", default="", help="suffix for this invocation's row names")
