@@ -225,8 +225,9 @@ def fit(model: Recommender, data: OfflineData, lr: float = 1e-3, batch: int = 12
         ce_positions: int = 0, lr_decay: float = 1.0, decay_patience: int = 2, progress=None) -> FitResult:
     """Adam, early stopping on validation NDCG@10; restores the best weights.
 
-    lr_decay < 1: the learning rate is multiplied by it after `decay_patience` validations
-    without a better NDCG@10 (a plateau schedule; early stopping still counts from the best).
+    lr_decay < 1: the learning rate is multiplied by it once more than `decay_patience` validations
+    in a row bring no better NDCG@10 (torch's ReduceLROnPlateau; early stopping still counts from
+    the best).
     """
     torch.manual_seed(seed)
     rng = np.random.default_rng([seed, 5])

@@ -39,8 +39,8 @@ def test_training_learns(ml100k, method):
 
 
 def test_plateau_schedule_follows_validation(ml100k):
-    """The learning rate halves exactly after `decay_patience` epochs without a better validation
-    NDCG@10, recomputed here from the recorded validation history."""
+    """The learning rate halves once more than `decay_patience` epochs in a row bring no better
+    validation NDCG@10, recomputed here from the recorded validation history."""
     data, cfg = ml100k
     torch.manual_seed(0)
     model = small_model(cfg, "device_rec", data)
