@@ -47,7 +47,7 @@ PAPER_RATIOS = {
     "nextitnet": {"forward_ofa": (0.6167 / 1.5053, 0.1226 / 0.0975)},
 }
 MEAN_KEYS = ("ndcg10", "hit10", "valid_ndcg10", "flops", "params", "shipped_params", "shipped_bytes",
-             "kept_blocks_mean", "train_s")
+             "shipped_bytes_bits", "once_bytes_reference", "kept_blocks_mean", "train_s")  # DIET: bytes as coded, as bits
 
 
 def command(dataset: str, model: str, method: str, seed: int, minutes: float, overrides: list[str]) -> list[str]:
@@ -85,8 +85,9 @@ def row(name: str, dataset: str, model: str, method: str, minutes: float, overri
     if all("by_users" in r for r in runs):  # test figures per user group (all / complete / gap)
         out["by_users"] = {g: {k: statistics.mean(r["by_users"][g][k] for r in runs) for k in ("ndcg10", "hit10")}
                            | {"users": runs[0]["by_users"][g]["users"]} for g in runs[0]["by_users"]}
-    for key in ("kept_blocks_hist", "block_usage", "distinct_structures"):
-        out[key] = runs[0][key]
+    for key in ("kept_blocks_hist", "block_usage", "distinct_structures", "mask_code"):
+        if key in runs[0]:
+            out[key] = runs[0][key]
     same_model = not any(x.lstrip("+").startswith("model.") for x in overrides)  # not a depth-matched variant
     out["paper_ndcg10"], out["paper_hit10"] = PAPER.get((dataset, model, method), (None, None)) if same_model \
         else (None, None)

@@ -13,7 +13,7 @@ from fl_sim.data import DeviceStreams, Interactions
 from fl_sim.models import checkpoint
 from fl_sim.models.factory import build_model
 from fl_sim.models.recommender import Recommender
-from fl_sim.training import OfflineData, fit
+from fl_sim.training import OfflineData, fit, set_reference
 
 
 def history_only(streams: DeviceStreams) -> Interactions:
@@ -46,6 +46,8 @@ def pretrained(cfg: DictConfig, streams: DeviceStreams, progress=None) -> tuple[
     if path.exists():
         try:
             checkpoint.load(path, model, fp)
+            if model.reveals_items and not model.mapper.has_reference:  # DIET, cached before the reference
+                set_reference(model, OfflineData(history_only(streams)))
             return model.eval(), fp, True
         except checkpoint.CheckpointError:
             pass  # stale or damaged: train again

@@ -25,7 +25,8 @@ from fl_sim.models import checkpoint, cost
 from fl_sim.models.diet import Masker
 from fl_sim.models.factory import build_model
 from fl_sim.models.payload import PRECISIONS
-from fl_sim.training import EvalResult, FitResult, OfflineData, evaluate, finetune_evaluate, fit
+from fl_sim.training import (EvalResult, FitResult, OfflineData, evaluate, finetune_evaluate, fit, mask_bytes,
+                             set_reference)
 
 
 def block_report(res: EvalResult, n_blocks: int) -> dict:
@@ -95,6 +96,8 @@ def train_and_evaluate(cfg: DictConfig) -> dict:
     if t.checkpoint:  # evaluate a trained model again (another protocol or payload), no training
         extra = checkpoint.load(Path(t.checkpoint).expanduser(), model, fp)
         result = FitResult(**extra["fit"]) if "fit" in extra else FitResult(0, 0, float("nan"), 0.0, [], "unknown")
+        if model.reveals_items and not model.mapper.has_reference:  # DIET, trained before the reference existed
+            set_reference(model, data)
     else:
         result = fit(model, data, lr=t.lr, batch=t.batch, max_epochs=t.max_epochs, patience=t.patience,
                      max_minutes=t.max_minutes, eval_every=t.eval_every, seed=cfg.seed,
@@ -122,9 +125,13 @@ def train_and_evaluate(cfg: DictConfig) -> dict:
         "flops": test.flops, "params": test.params, "device_train_flops": device_train_flops, "shipped_params": test.shipped_params,
         "flops_ratio_full": test.flops / cost.inference_flops(bb, full),
         "params_ratio_full": test.params / cost.model_params(bb, full),
-        # per update: the kept blocks' weights at the payload's precision; DIET: its masks, 1 bit a weight
-        "shipped_bytes": (sum(model.mapper.mask_bytes(k) for k in full) if isinstance(model.mapper, Masker)
+        # per update: the kept blocks' weights at the payload's precision; DIET: its masks as coded
+        # (method.code; mean over the test users), beside them at 1 bit a weight
+        "shipped_bytes": (float(mask_bytes(model, data, "test").mean()) if isinstance(model.mapper, Masker)
                           else test.shipped_params * {"fp32": 4, "fp16": 2, "int8": 1}[cfg.eval.payload]),
+        **({"mask_code": model.mapper.code, "shipped_bytes_bits": sum(model.mapper.mask_bytes(k) for k in full),
+            "once_bytes_reference": sum(model.mapper.mask_bytes(k) for k in full) if model.mapper.code == "reference"
+            else 0} if isinstance(model.mapper, Masker) else {}),
         "cloud_head_params": model.mapper.head_params() if model.mapper is not None else 0,
         "backbone_params": sum(p.numel() for p in bb.parameters()),
         **block_report(test, bb.n_blocks),

@@ -270,8 +270,33 @@ def fit(model: Recommender, data: OfflineData, lr: float = 1e-3, batch: int = 12
             break
     if best_state is not None:
         model.load_state_dict(best_state)
+    if model.reveals_items:
+        set_reference(model, data)
     return FitResult(epochs=epoch, best_epoch=best_epoch, best_valid=best, train_s=time.perf_counter() - start,
                      history=history, stopped=stopped)
+
+
+@torch.no_grad()
+def set_reference(model: Recommender, data: OfflineData, batch: int = 1024) -> None:
+    """DIET: the interest whose masks are every block's reference mask (diet.encode): the mean of
+    the extractor's output over the users' training windows (their items before validation)."""
+    model.eval()
+    W = model.spec.window
+    h = [model.encode(left_pad([data.history(j, "valid") for j in range(s, min(s + batch, len(data)))], W))[2]
+         for s in range(0, len(data), batch)]
+    model.mapper.reference_h.copy_(torch.cat(h).mean(0))
+
+
+@torch.no_grad()
+def mask_bytes(model: Recommender, data: OfflineData, stage: str, batch: int = 256) -> np.ndarray:
+    """DIET: the bytes on the wire of each user's masks at `stage` (every block, under
+    method.code), [users]."""
+    model.eval()
+    W, out = model.spec.window, []
+    for s in range(0, len(data), batch):
+        h = model.encode(left_pad([data.history(j, stage) for j in range(s, min(s + batch, len(data)))], W))[2]
+        out.append(sum(model.mapper.coded_bytes(k, model.mapper.terms(k, h)) for k in range(model.backbone.n_blocks)))
+    return np.concatenate(out)
 
 
 def finetune_evaluate(model: Recommender, data: OfflineData, stage: str, steps: int, lr: float,

@@ -124,7 +124,12 @@ class Cloud:
         self.counts["first_unservable"] += int((~fits & req.first).sum())
         keep = np.flatnonzero(fits)
         wanted = argmax_gate(beta).numpy() >= 0.5
-        model_bytes = self.payload.bytes(a.keep, req.holds)
+        coded = None
+        if self.model.reveals_items:  # DIET: each answer's masks as they travel (method.code)
+            coded = np.zeros(a.keep.shape, np.int64)
+            for k, t in a.terms.items():
+                coded[a.rows[k], k] = self.model.mapper.coded_bytes(k, t)
+        model_bytes = self.payload.bytes(a.keep, req.holds, coded)
         if self.static:  # the one model (device_rec, finetune) ships once; later answers bring candidates only
             model_bytes = np.where(req.first, model_bytes, 0)
         cand = self.retrieve(req.device[keep], req.user[keep])
@@ -139,7 +144,7 @@ class Cloud:
         served = torch.from_numpy(fits)
         for k, t in a.terms.items():  # what differs per device (shared weights: none)
             t = t[served[torch.from_numpy(a.rows[k])]] if not fits.all() else t
-            out.weights[k] = diet.pack(t) if self.model.reveals_items else t.numpy()  # DIET: 1 bit a weight
+            out.weights[k] = diet.pack(t) if self.model.reveals_items else t.numpy()  # DIET: 1 bit a weight in memory
         rows = out.weight_rows()
         out.checksum[:] = [checksum(out.blocks[i], rows[i], out.candidates[i]) for i in range(len(out))]
         return out

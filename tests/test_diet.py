@@ -10,7 +10,7 @@ import torch
 
 from fl_sim.models import cost
 from fl_sim.models.backbone import Backbone
-from fl_sim.models.diet import Masker, matrices, pack, unpack
+from fl_sim.models.diet import Masker, decode, encode, matrices, pack, unpack
 from fl_sim.models.recommender import MethodSpec, Recommender
 from fl_sim.training import train_loss
 
@@ -77,6 +77,58 @@ def test_masks_keep_their_share_and_travel_at_one_bit_a_weight():
     assert fp32 / model.mapper.mask_bytes(0) > 32  # the LN and bias terms ship once, never again
 
 
+def test_coded_masks_decode_exactly_and_shrink_with_their_distance_to_the_reference():
+    model = make("sasrec")
+    mapper = model.mapper
+    with pytest.raises(ValueError, match="reference interest is unset"):
+        mapper.coded_bytes(0, mapper.terms(0, torch.randn(1, 8)))
+    mapper.reference_h.copy_(torch.randn(8))
+    ref = mapper.reference(0)
+    n = mapper.sizes[0]
+    base = unpack(torch.from_numpy(ref[None]), n)[0]
+    flips = [0, 3, 40, n // 2]  # a mask at these Hamming distances from the reference
+    masks = torch.stack([base] * len(flips))
+    g = torch.Generator().manual_seed(0)
+    for row, f in enumerate(flips):
+        idx = torch.randperm(n, generator=g)[:f]
+        masks[row, idx] = 1 - masks[row, idx]
+    sizes = mapper.coded_bytes(0, masks)
+    for m, size in zip(pack(masks), sizes):
+        blob = encode(m, ref)
+        assert len(blob) == size and np.array_equal(decode(blob, ref), m)  # what is counted is what decodes
+    raw = mapper.mask_bytes(0)
+    assert sizes[0] < 16 and sizes[1] < sizes[2] < raw  # near the reference: a fraction of 1 bit a weight
+    assert sizes[3] == raw + 1  # half the bits flipped: no code beats the bits, which travel as they are
+    with pytest.raises(ValueError, match="not a DIET mask"):
+        decode(b"\x07" + bytes(3), ref)
+    bits = Recommender(model.backbone, MethodSpec("diet", "all", True, False, generate="mask", code="bits"), hidden=8)
+    assert bits.mapper.coded_bytes(0, masks).tolist() == [raw] * len(flips)
+
+
+def test_training_sets_the_reference_to_the_mean_interest_and_checkpoints_keep_it(tmp_path):
+    from fl_sim.data.interactions import Interactions
+    from fl_sim.models import checkpoint
+    from fl_sim.training import OfflineData, fit, left_pad
+
+    g = np.random.default_rng(0)
+    users = np.repeat(np.arange(12), 9)
+    inter = Interactions(users, g.integers(0, 40, users.size), np.arange(users.size), False, np.arange(12),
+                         np.arange(40))
+    data = OfflineData(inter)
+    model = make("sasrec")
+    fit(model, data, max_epochs=1, max_minutes=1)
+    with torch.no_grad():  # by hand: the extractor's output over each user's items before validation
+        h = torch.stack([model.encode(left_pad([data.history(j, "valid")], 50))[2][0] for j in range(len(data))])
+    assert torch.allclose(model.mapper.reference_h, h.mean(0), atol=1e-5)
+    checkpoint.save(tmp_path / "c.pt", model, {})
+    again = make("sasrec")
+    checkpoint.load(tmp_path / "c.pt", again, {})
+    assert torch.equal(again.mapper.reference_h, model.mapper.reference_h)
+    old = {k: v for k, v in model.state_dict().items() if not k.endswith("reference_h")}
+    again.load_state_dict(old)  # a checkpoint from before the reference: loads, the reference unset
+    assert not again.mapper.has_reference
+
+
 @pytest.mark.parametrize("kind", ["sasrec", "nextitnet"])
 def test_flops_drop_with_whole_rows_only(kind):
     model = make(kind)
@@ -118,13 +170,21 @@ def test_keep_out_of_range_is_refused():
 def test_diet_in_the_fleet_ships_masks_and_counts_what_it_reveals(tmp_path):
     from helpers import accounted, simulate
 
-    summary, out = simulate(tmp_path, "diet", "method=diet", "sim.backend=inprocess", cache=tmp_path / "cache")
+    summary, out = simulate(tmp_path, "diet", "method=diet", "method.code=bits", "sim.backend=inprocess",
+                            cache=tmp_path / "cache")
     table = pd.read_parquet(out / "devices.parquet")
     assert accounted(summary) and summary["requests"] > 0
     mask_bytes = 6 * 16 * 16 // 8  # per kept block: SASRec d=16, 1 bit a weight of its six matrices
     after = table[table["answers"] > 1]
     assert len(after) and (after["bytes_model"] % mask_bytes == 0).all()
     assert summary["bytes_down_model"] > 0 and (table["bytes_model"] <= mask_bytes * table["kept_blocks_sum"]).all()
+    # coded against the reference masks: the same masks (the same accuracy), fewer bytes; a block's
+    # first delivery adds its reference mask, and no coded mask is longer than its bits and a flag
+    coded, out_c = simulate(tmp_path, "diet_coded", "method=diet", "sim.backend=inprocess", cache=tmp_path / "cache")
+    table_c = pd.read_parquet(out_c / "devices.parquet")
+    assert coded["ndcg10"] == summary["ndcg10"] and coded["requests"] == summary["requests"]
+    assert (table_c["bytes_model"] <= (2 * mask_bytes + 1) * table_c["kept_blocks_sum"]).all()
+    assert coded["bytes_down_model"] < summary["bytes_down_model"]
     # an update is masks only: under 1/32 of the same blocks' weights at fp32
     block_params = 6 * 16 * 16 + 10 * 16
     assert mask_bytes * 32 < 4 * block_params

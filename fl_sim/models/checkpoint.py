@@ -25,6 +25,7 @@ def fingerprint(cfg: DictConfig, n_items: int) -> dict:
     method = OmegaConf.to_container(cfg.method, resolve=True)
     if method.get("generate") != "lowrank":
         method.pop("rank", None)  # shapes nothing then; earlier checkpoints stay valid
+    method.pop("code", None)  # DIET: how masks travel, not what they are
     return {"format": FORMAT, "version": __version__, "n_items": n_items, "seed": cfg.seed, "dataset": dataset,
             "streams": OmegaConf.to_container(cfg.streams, resolve=True),
             "model": OmegaConf.to_container(cfg.model, resolve=True),

@@ -82,8 +82,9 @@ class Payload:
     `full`: every kept block's whole weights, as the paper ships them. `delta`: what the mapper
     generated for each kept block (its terms), plus a kept block's shared weights where the
     device does not hold them yet. Without a mapper both ship the blocks' shared weights. DIET
-    (a mapper with `mask_bytes`): its masks at 1 bit a weight, plus the frozen shared blocks the
-    first time, in either mode.
+    (a mapper with `coded_bytes`): its masks as coded (`method.code`, sizes the cloud passes in),
+    plus, the first time in either mode, the frozen shared block and, under code=reference, the
+    block's reference mask at 1 bit a weight.
     """
 
     def __init__(self, model, mode: str = "full"):
@@ -98,17 +99,18 @@ class Payload:
         self.terms_tensors = np.array([len(mapper.names[k]) + 2 * len(mapper.factored[k]) if mapper is not None
                                        else 0 for k in range(len(blocks))], np.int64)
         self.generated = mapper is not None
-        # DIET: its masks, 1 bit a weight, in either mode (the frozen blocks ship once, as `delta` does)
-        self.masks = np.array([mapper.mask_bytes(k) for k in range(len(blocks))], np.int64) \
-            if hasattr(mapper, "mask_bytes") else None
+        # DIET: what a block's first delivery adds to its shared weights: the reference mask, if coded against it
+        self.masks = (np.array([mapper.mask_bytes(k) if mapper.code == "reference" else 0 for k in range(len(blocks))],
+                               np.int64) if hasattr(mapper, "coded_bytes") else None)
 
-    def bytes(self, keep, holds):
+    def bytes(self, keep, holds, coded=None):
         """keep, holds: [m, L] bool (the answer's blocks; the blocks whose shared weights the
-        device holds). Returns [m] int64."""
+        device holds); DIET: coded [m, L] int64, each kept block's masks as coded. Returns [m] int64."""
         whole = payload_bytes(keep @ self.whole, keep @ self.whole_tensors)
         if self.masks is not None:
             new = keep & ~holds
-            return (keep @ self.masks + payload_bytes(new @ self.whole, new @ self.whole_tensors)).astype(np.int64)
+            return ((coded * keep).sum(1) + new @ self.masks
+                    + payload_bytes(new @ self.whole, new @ self.whole_tensors)).astype(np.int64)
         if self.mode == "full" or not self.generated:
             return whole.astype(np.int64)
         new = keep & ~holds

@@ -14,7 +14,15 @@ be computed and the FLOPs fall. Training passes gradients straight through the h
 the final LayerNorm, the extractor and the masker's heads; never a block's weights.
 
 The masks are what differs per device: `terms(k, h)` is block k's mask (0/1 per weight of its
-matrices, in `shapes` order), shipped at 1 bit a weight (`pack`: uint8 bytes, 8 weights each).
+matrices, in `shapes` order), at 1 bit a weight (`pack`: uint8 bytes, 8 weights each).
+
+What travels (`method.code`): `bits`, the packed mask as DIET ships it; or `reference` (the
+default), the mask coded against the block's reference mask, the one the masker gives the mean
+interest of the users it was trained on (`reference_h`, set when training ends): the XOR of the
+two, deflated (zlib), or the packed mask itself where that is shorter (`encode`, one flag byte
+says which; `decode` inverts it exactly). Devices' masks differ from the reference in a few
+per cent of their weights, so the coded mask is several times smaller; the device receives
+each block's reference mask once, with the frozen block.
 `params_from_terms` turns a mask (float or packed) into the block's weights on the shared
 frozen ones, the path training, offline evaluation and the fleet's devices share. The LayerNorm
 and bias terms stay the shared frozen ones.
@@ -23,6 +31,7 @@ and bias terms stay the shared frozen ones.
 from __future__ import annotations
 
 import math
+import zlib
 
 import numpy as np
 import torch
@@ -43,6 +52,26 @@ def pack(mask: torch.Tensor | np.ndarray) -> np.ndarray:
     return np.packbits(m.astype(bool), axis=1)
 
 
+RAW, DEFLATED = 0, 1  # encode's flag byte
+CODES = ("reference", "bits")
+
+
+def encode(packed: np.ndarray, reference: np.ndarray) -> bytes:
+    """One device's packed mask [n / 8] uint8 against the block's packed reference mask: a flag
+    byte, then the deflated XOR of the two, or the packed mask where that is shorter."""
+    z = zlib.compress(np.bitwise_xor(packed, reference).tobytes(), 9)
+    return bytes([DEFLATED]) + z if len(z) < packed.size else bytes([RAW]) + packed.tobytes()
+
+
+def decode(blob: bytes, reference: np.ndarray) -> np.ndarray:
+    """`encode`'s inverse: the packed mask [n / 8] uint8."""
+    if blob[:1] == bytes([DEFLATED]):
+        return np.bitwise_xor(np.frombuffer(zlib.decompress(blob[1:]), np.uint8), reference)
+    if blob[:1] == bytes([RAW]):
+        return np.frombuffer(blob[1:], np.uint8).copy()
+    raise ValueError(f"not a DIET mask: flag byte {blob[:1]!r}")
+
+
 def unpack(packed: torch.Tensor, n: int) -> torch.Tensor:
     """[B, ceil(n / 8)] uint8 -> [B, n] float 0/1 (np.packbits order: high bit first)."""
     shifts = torch.arange(7, -1, -1, dtype=torch.uint8)
@@ -55,11 +84,15 @@ class Masker(nn.Module):
     k's masks. Exposes the mapper interface the fleet uses (`names`, `factored`, `terms`,
     `params_from_terms`, `flat_from_terms`, `head_params`)."""
 
-    def __init__(self, blocks, hidden: int, keep: float = 0.5):
+    def __init__(self, blocks, hidden: int, keep: float = 0.5, code: str = "reference"):
         super().__init__()
         if not 0 < keep <= 1:
             raise ValueError(f"method.keep must be in (0, 1], got {keep}")
-        self.keep = keep
+        if code not in CODES:
+            raise ValueError(f"method.code must be one of {list(CODES)}, got {code!r}")
+        self.keep, self.code = keep, code
+        # the interest whose masks are every block's reference (NaN until training sets it)
+        self.register_buffer("reference_h", torch.full((hidden,), math.nan))
         self.shapes = [matrices(b) for b in blocks]
         self.names = [[n for n, _ in s] for s in self.shapes]
         self.factored = [[] for _ in blocks]
@@ -130,9 +163,34 @@ class Masker(nn.Module):
         out[:, torch.cat(idx)] *= mask
         return out
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # checkpoints from before the reference: left unset (NaN), set again from the data
+        state_dict.setdefault(prefix + "reference_h", torch.full_like(self.reference_h, math.nan))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    @property
+    def has_reference(self) -> bool:
+        return not bool(torch.isnan(self.reference_h).any())
+
+    @torch.no_grad()
+    def reference(self, k: int) -> np.ndarray:
+        """Block k's packed reference mask [n / 8] uint8: its masks for `reference_h`."""
+        if not self.has_reference:
+            raise ValueError("DIET's reference interest is unset: train the model (fit sets it) or "
+                             "call training.set_reference")
+        return pack(self.terms(k, self.reference_h.unsqueeze(0)))[0]
+
     def mask_bytes(self, k: int) -> int:
-        """Bytes of block k's masks on the wire: 1 bit a weight."""
+        """Bytes of block k's masks at 1 bit a weight (method.code=bits; the reference mask too)."""
         return (self.sizes[k] + 7) // 8
+
+    def coded_bytes(self, k: int, masks: torch.Tensor) -> np.ndarray:
+        """Bytes on the wire of block k's masks [B, n] (0/1, or packed uint8), under `code`."""
+        if self.code == "bits":
+            return np.full(masks.shape[0], self.mask_bytes(k), np.int64)
+        packed = masks.numpy() if masks.dtype == torch.uint8 else pack(masks)
+        ref = self.reference(k)
+        return np.array([len(encode(p, ref)) for p in packed], np.int64)
 
     def flops(self, block: Block, k: int, terms: torch.Tensor, T: int) -> np.ndarray:
         """FLOPs of block k per inference under each row's masks [B, n]: a matrix row whose

@@ -38,6 +38,7 @@ class MethodSpec:
     rank: int = 4  # factor rank for generate=lowrank
     window: int = 50  # recent items read by controller and E'
     keep: float = 0.5  # generate=mask (DIET): share of each weight matrix a device's mask keeps
+    code: str = "reference"  # generate=mask (DIET): how a mask travels (diet.CODES)
 
     @classmethod
     def from_cfg(cls, mcfg) -> "MethodSpec":
@@ -45,7 +46,7 @@ class MethodSpec:
                    structural=bool(mcfg.structural), k=int(mcfg.get("k", 3)), tau=float(mcfg.get("tau", 5.0)),
                    lam=float(mcfg.get("lam", 0.0)), generate=mcfg.get("generate", "full"),
                    rank=int(mcfg.get("rank", 4)), window=int(mcfg.get("window", 50)),
-                   keep=float(mcfg.get("keep", 0.5)))
+                   keep=float(mcfg.get("keep", 0.5)), code=str(mcfg.get("code", "reference")))
 
 
 class Recommender(nn.Module):
@@ -58,7 +59,7 @@ class Recommender(nn.Module):
         self.controller = Controller(d, hidden, L) if spec.structure == "learned" else None
         self.extractor = Extractor(d, hidden, L, spec.structural) if spec.mapper else None
         if spec.mapper and spec.generate == "mask":  # DIET: the blocks stay as initialised
-            self.mapper = Masker(backbone.blocks, hidden, spec.keep)
+            self.mapper = Masker(backbone.blocks, hidden, spec.keep, spec.code)
             backbone.blocks.requires_grad_(False)
         else:
             self.mapper = Mapper(backbone.blocks, hidden, spec.generate, spec.rank) if spec.mapper else None
