@@ -25,7 +25,7 @@ from fl_sim.models import checkpoint, cost
 from fl_sim.models.diet import Masker
 from fl_sim.models.factory import build_model
 from fl_sim.models.payload import PRECISIONS
-from fl_sim.training import (EvalResult, FitResult, OfflineData, evaluate, finetune_evaluate, fit, mask_bytes,
+from fl_sim.training import (EvalResult, FitResult, OfflineData, evaluate, finetune_evaluate, fit, update_bytes,
                              set_reference)
 
 
@@ -127,7 +127,7 @@ def train_and_evaluate(cfg: DictConfig) -> dict:
         "params_ratio_full": test.params / cost.model_params(bb, full),
         # per update: the kept blocks' weights at the payload's precision; DIET: its masks as coded
         # (method.code; mean over the test users), beside them at 1 bit a weight
-        "shipped_bytes": (float(mask_bytes(model, data, "test").mean()) if isinstance(model.mapper, Masker)
+        "shipped_bytes": (float(update_bytes(model, data, "test").mean()) if isinstance(model.mapper, Masker)
                           else test.shipped_params * {"fp32": 4, "fp16": 2, "int8": 1}[cfg.eval.payload]),
         **({"mask_code": model.mapper.code, "shipped_bytes_bits": sum(model.mapper.mask_bytes(k) for k in full),
             "once_bytes_reference": sum(model.mapper.mask_bytes(k) for k in full) if model.mapper.code == "reference"

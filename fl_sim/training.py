@@ -288,7 +288,7 @@ def set_reference(model: Recommender, data: OfflineData, batch: int = 1024) -> N
 
 
 @torch.no_grad()
-def mask_bytes(model: Recommender, data: OfflineData, stage: str, batch: int = 256) -> np.ndarray:
+def update_bytes(model: Recommender, data: OfflineData, stage: str, batch: int = 256) -> np.ndarray:
     """DIET: the bytes on the wire of each user's masks at `stage` (every block, under
     method.code), [users]."""
     model.eval()
