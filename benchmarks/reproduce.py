@@ -166,28 +166,43 @@ def table(rows: list[dict]) -> None:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    """NDCG@10 against FLOPs per inference, one panel per data set and model, every row a point;
+    """NDCG@10 against FLOPs per inference, one panel per data set and model, every row a point
+    (a colour per method; filled: trained under the 60-minute cap, hollow: a shorter one), and
     crosses where the paper's ratios to DeviceRec would put its methods beside this device_rec."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    methods = sorted({r["method"] for r in rows})
+    colour = {m: f"C{i % 10}" for i, m in enumerate(methods)}
     panels = sorted({(r["dataset"], r["model"]) for r in rows})
-    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 5), squeeze=False)
     for ax, (dataset, model) in zip(axes[0], panels):
         mine = [r for r in rows if (r["dataset"], r["model"]) == (dataset, model)]
+        for m in sorted({r["method"] for r in mine}):
+            for full_cap in (True, False):
+                pts = [r for r in mine if r["method"] == m and (r["max_minutes"] >= 60) == full_cap]
+                if pts:
+                    ax.scatter([r["flops"] / 1e6 for r in pts], [r["ndcg10"] for r in pts], s=28,
+                               facecolors=colour[m] if full_cap else "none", edgecolors=colour[m],
+                               label=m if full_cap or not any(r["max_minutes"] >= 60 for r in mine
+                                                              if r["method"] == m) else None)
         for r in mine:
-            ax.scatter(r["flops"] / 1e6, r["ndcg10"], color="C3" if r["method"] == "device_rec" else "C0", s=18)
-            ax.annotate(r["name"], (r["flops"] / 1e6, r["ndcg10"]), fontsize=6, xytext=(3, 2),
-                        textcoords="offset points")
+            if r["name"] != r["method"]:  # variants and shorter caps: their names
+                ax.annotate(r["name"].removeprefix(r["method"]).strip(" ,") or r["name"],
+                            (r["flops"] / 1e6, r["ndcg10"]), fontsize=5.5, xytext=(3, 2), textcoords="offset points",
+                            color=colour[r["method"]])
         base = next((r for r in mine if r["name"] == "device_rec"), None)
         for method, (f, n) in PAPER_RATIOS.get(model, {}).items() if base else ():
             ax.scatter(base["flops"] * f / 1e6, base["ndcg10"] * n, marker="x", color="k", s=30)
-            ax.annotate(f"paper: {method} ({n:.2f}x NDCG, {f:.2f}x FLOPs)", (base["flops"] * f / 1e6, base["ndcg10"] * n),
-                        fontsize=6, xytext=(3, -8), textcoords="offset points")
-        ax.set(xlabel="MFLOPs per inference", ylabel="test NDCG@10 (all users)", title=f"{dataset}, {model}")
-        ax.set_ylim(bottom=0)
+            ax.annotate(f"paper's {method}: {n:.2f}x NDCG, {f:.2f}x FLOPs of device_rec",
+                        (base["flops"] * f / 1e6, base["ndcg10"] * n), fontsize=6, xytext=(-150, 4),
+                        textcoords="offset points")
+        ax.set(xlabel="MFLOPs per inference", ylabel="test NDCG@10 (all users)",
+               title=f"{dataset}, {model} (filled: 60-minute cap; hollow: shorter)")
+        ax.set_ylim(0, ax.get_ylim()[1] * 1.08)  # room for the crosses' labels
+        ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
