@@ -9,8 +9,8 @@ Trains each method with `python -m fl_sim.train` (early stopping on the validati
 capped at --max-minutes), then, after `forward_ofa`, a depth-matched `device_rec` with as many
 blocks as forward_ofa keeps on average. Each row of benchmarks/results/reproduction.json names
 its method, model, data set, seeds, cap and the overrides it ran with (the command that
-reproduces it); rows of earlier invocations are kept, a row of the same name and data set is
-replaced. Prints a Markdown table beside the paper's numbers and draws
+reproduces it); rows of earlier invocations are kept, a row of the same name, data set and model
+is replaced. Prints a Markdown table beside the paper's numbers and draws
 benchmarks/results/reproduction.png (NDCG@10 against FLOPs per inference, the paper's ratios
 marked).
 """
@@ -138,7 +138,8 @@ def write(new_rows: list[dict]) -> None:
 def _merge(new_rows: list[dict]) -> list[dict]:
     rows = json.loads(RESULTS.read_text())["rows"] if RESULTS.exists() else []
     for new in new_rows:
-        rows = [r for r in rows if (r["name"], r["dataset"]) != (new["name"], new["dataset"])] + [new]
+        key = (new["name"], new["dataset"], new["model"])  # a NextItNet row never replaces a SASRec one
+        rows = [r for r in rows if (r["name"], r["dataset"], r["model"]) != key] + [new]
     for r in rows:  # ratios to the plain device_rec of the same data set and model
         base = next((b for b in rows if b["name"] == "device_rec" and b["dataset"] == r["dataset"]
                      and b["model"] == r["model"]), None)

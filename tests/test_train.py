@@ -165,3 +165,29 @@ def test_complete_users_need_a_gap_list(shared_data, tmp_path):
     res = run_module("fl_sim.train", "dataset=ml100k", f"dataset.path={shared_data / 'ml-100k'}", "eval.users=complete",
                      f"output_dir={tmp_path / 'run'}", env={"FL_SIM_CACHE": str(tmp_path / "c")})
     assert res.returncode != 0 and "eval.users=complete needs a list" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_reproduction_rows_of_two_backbones_live_side_by_side(tmp_path, monkeypatch):
+    """benchmarks/reproduce.py keys a row by name, data set and model: a NextItNet `device_rec`
+    must not replace the SASRec one, and each row's ratios are to its own backbone's."""
+    import sys
+
+    from helpers import ROOT
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import reproduce
+
+    monkeypatch.setattr(reproduce, "RESULTS", tmp_path / "reproduction.json")
+    monkeypatch.setattr(reproduce, "plot", lambda rows, path: None)
+
+    def row(name, model, ndcg, flops):
+        return {"name": name, "method": name, "model": model, "dataset": "ml1m_sas", "ndcg10": ndcg, "flops": flops,
+                "params": 1.0, "shipped_params": 1.0}
+
+    reproduce._merge([row("device_rec", "sasrec", 0.15, 120.0), row("forward_ofa", "sasrec", 0.12, 60.0)])
+    rows = reproduce._merge([row("device_rec", "nextitnet", 0.10, 200.0), row("forward_ofa", "nextitnet", 0.11, 50.0)])
+    got = {(r["model"], r["name"]): (r["ndcg10_vs_device_rec"], r["flops_vs_device_rec"]) for r in rows}
+    assert got == {("sasrec", "device_rec"): (1.0, 1.0), ("sasrec", "forward_ofa"): (0.8, 0.5),
+                   ("nextitnet", "device_rec"): (1.0, 1.0), ("nextitnet", "forward_ofa"): (pytest.approx(1.1), 0.25)}
+    rows = reproduce._merge([row("device_rec", "nextitnet", 0.12, 200.0)])  # the same key: replaced
+    assert len(rows) == 4 and [r["ndcg10"] for r in rows if r["model"] == "nextitnet" and r["name"] == "device_rec"] == [0.12]
