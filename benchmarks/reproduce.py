@@ -135,14 +135,17 @@ def write(new_rows: list[dict]) -> None:
     table(rows)
 
 
+def _key(row: dict) -> tuple[str, str, str]:
+    """What names a row: a NextItNet row never replaces a SASRec one of the same name."""
+    return row["name"], row["dataset"], row["model"]
+
+
 def _merge(new_rows: list[dict]) -> list[dict]:
     rows = json.loads(RESULTS.read_text())["rows"] if RESULTS.exists() else []
     for new in new_rows:
-        key = (new["name"], new["dataset"], new["model"])  # a NextItNet row never replaces a SASRec one
-        rows = [r for r in rows if (r["name"], r["dataset"], r["model"]) != key] + [new]
+        rows = [r for r in rows if _key(r) != _key(new)] + [new]
     for r in rows:  # ratios to the plain device_rec of the same data set and model
-        base = next((b for b in rows if b["name"] == "device_rec" and b["dataset"] == r["dataset"]
-                     and b["model"] == r["model"]), None)
+        base = next((b for b in rows if _key(b) == ("device_rec", r["dataset"], r["model"])), None)
         for key in ("ndcg10", "flops", "params", "shipped_params"):
             r[f"{key}_vs_device_rec"] = r[key] / base[key] if base else None
     tmp = RESULTS.with_suffix(".tmp")

@@ -170,11 +170,9 @@ def test_complete_users_need_a_gap_list(shared_data, tmp_path):
 def test_reproduction_rows_of_two_backbones_live_side_by_side(tmp_path, monkeypatch):
     """benchmarks/reproduce.py keys a row by name, data set and model: a NextItNet `device_rec`
     must not replace the SASRec one, and each row's ratios are to its own backbone's."""
-    import sys
-
     from helpers import ROOT
 
-    sys.path.insert(0, str(ROOT / "benchmarks"))
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     import reproduce
 
     monkeypatch.setattr(reproduce, "RESULTS", tmp_path / "reproduction.json")
