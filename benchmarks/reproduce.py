@@ -2,7 +2,7 @@
 
     python benchmarks/reproduce.py [--dataset ml1m_sas] [--model sasrec] [--methods device_rec forward_ofa ...]
                                    [--seeds 0 1 2] [--max-minutes 60] [--minutes-for forward_ofa=25]
-                                   [--extra key=value ...] [--tag " (label)"] [--threads N]
+                                   [--extra key=value ...] [--tag " (label)"] [--threads N] [--add-seeds]
     python benchmarks/reproduce.py --plot-only
 
 Trains each method with `python -m fl_sim.train` (early stopping on the validation item,
@@ -10,7 +10,8 @@ capped at --max-minutes), then, after `forward_ofa`, a depth-matched `device_rec
 blocks as forward_ofa keeps on average. Each row of benchmarks/results/reproduction.json names
 its method, model, data set, seeds, cap and the overrides it ran with (the command that
 reproduces it); rows of earlier invocations are kept, a row of the same name, data set and model
-is replaced. Prints a Markdown table beside the paper's numbers and draws
+is replaced; with --add-seeds, the new seeds join the row of the same name instead (same cap,
+overrides and threads; its means become the means over all its seeds). Prints a Markdown table beside the paper's numbers and draws
 benchmarks/results/reproduction.png (NDCG@10 against FLOPs per inference, the paper's ratios
 marked).
 """
@@ -85,6 +86,7 @@ def row(name: str, dataset: str, model: str, method: str, minutes: float, overri
     if all("by_users" in r for r in runs):  # test figures per user group (all / complete / gap)
         out["by_users"] = {g: {k: statistics.mean(r["by_users"][g][k] for r in runs) for k in ("ndcg10", "hit10")}
                            | {"users": runs[0]["by_users"][g]["users"]} for g in runs[0]["by_users"]}
+        out["by_users_per_seed"] = {g: [r["by_users"][g]["ndcg10"] for r in runs] for g in runs[0]["by_users"]}
     for key in ("kept_blocks_hist", "block_usage", "distinct_structures", "mask_code"):
         if key in runs[0]:
             out[key] = runs[0][key]
@@ -107,6 +109,8 @@ def main() -> None:
     parser.add_argument("--no-depth-matched", action="store_true")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads per run (default: all cores); 1 lets two runs share 2 cores")
+    parser.add_argument("--add-seeds", action="store_true",
+                        help="add these seeds to the existing row of the same name instead of replacing it")
     parser.add_argument("--plot-only", action="store_true", help="redraw reproduction.png from the results")
     args = parser.parse_args()
     if args.plot_only:
@@ -123,16 +127,44 @@ def main() -> None:
             extra = [x for x in args.extra if not x.lstrip("+").startswith("method.")] + [f"model.n_blocks={k}"]
             runs = [train(args.dataset, args.model, "device_rec", s, cap, extra, args.threads) for s in args.seeds]
             rows.append(row(f"device_rec ({k} blocks)", args.dataset, args.model, "device_rec", cap, extra, runs))
-        write(rows)
+        write(rows, add_seeds=args.add_seeds)
 
 
-def write(new_rows: list[dict]) -> None:
+def write(new_rows: list[dict], add_seeds: bool = False) -> None:
     """Adds the rows to the results file (under a lock: several invocations may share it)."""
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     with open(RESULTS.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
+        if add_seeds:
+            old = {_key(r): r for r in json.loads(RESULTS.read_text())["rows"]} if RESULTS.exists() else {}
+            new_rows = [join_seeds(old[_key(r)], r) if _key(r) in old else r for r in new_rows]
         rows = _merge(new_rows)
     table(rows)
+
+
+def join_seeds(old: dict, new: dict) -> dict:
+    """One row over the seeds of both: means weighted by their seed counts, per-seed lists
+    joined. Only rows of the same run (method, cap, overrides, threads) and other seeds join."""
+    for k in ("method", "max_minutes", "overrides", "threads"):
+        if old.get(k) != new.get(k):
+            raise SystemExit(f"--add-seeds: row {old['name']!r} ran with {k}={old.get(k)!r}, these seeds with "
+                             f"{new.get(k)!r}; run them as their own row (--tag) instead")
+    if set(old["seeds"]) & set(new["seeds"]):
+        raise SystemExit(f"--add-seeds: row {old['name']!r} already has seeds {sorted(set(old['seeds']) & set(new['seeds']))}")
+    n_old, n_new = len(old["seeds"]), len(new["seeds"])
+    mean = lambda a, b: (a * n_old + b * n_new) / (n_old + n_new)  # noqa: E731
+    out = dict(old, seeds=old["seeds"] + new["seeds"])
+    for k in MEAN_KEYS:
+        if k in old and k in new:
+            out[k] = mean(old[k], new[k])
+    for k in ("ndcg10_per_seed", "epochs", "stopped", "best_epoch"):
+        out[k] = old.get(k, [None] * n_old) + new.get(k, [None] * n_new)
+    if "by_users" in old and "by_users" in new:
+        out["by_users"] = {g: {k: mean(old["by_users"][g][k], new["by_users"][g][k]) for k in ("ndcg10", "hit10")}
+                           | {"users": old["by_users"][g]["users"]} for g in old["by_users"]}
+        before = old.get("by_users_per_seed") or {g: [v["ndcg10"]] for g, v in old["by_users"].items()}
+        out["by_users_per_seed"] = {g: before[g] + new["by_users_per_seed"][g] for g in before}
+    return out
 
 
 def _key(row: dict) -> tuple[str, str, str]:
@@ -163,7 +195,9 @@ def table(rows: list[dict]) -> None:
         rel = lambda k: f"{r[k]:.2f}" if r.get(k) is not None else "-"  # noqa: E731
         paper = f"{r['paper_ndcg10']:.4f}" if r["paper_ndcg10"] else "-"
         complete = r.get("by_users", {}).get("complete", {}).get("ndcg10")
-        print(f"| {r['dataset']} | {r['model']} | {r['name']} | {r['ndcg10']:.4f} | {r['hit10']:.4f} | "
+        ndcg = f"{r['ndcg10']:.4f}" + (f" ± {statistics.stdev(r['ndcg10_per_seed']):.4f}"
+                                        if len(r.get("ndcg10_per_seed", [])) > 1 else "")
+        print(f"| {r['dataset']} | {r['model']} | {r['name']} | {ndcg} | {r['hit10']:.4f} | "
               f"{'-' if complete is None else f'{complete:.4f}'} | "
               f"{rel('ndcg10_vs_device_rec')} | {rel('flops_vs_device_rec')} | {rel('params_vs_device_rec')} | "
               f"{r['kept_blocks_mean']:.2f} | {paper} |")

@@ -189,3 +189,40 @@ def test_reproduction_rows_of_two_backbones_live_side_by_side(tmp_path, monkeypa
                    ("nextitnet", "device_rec"): (1.0, 1.0), ("nextitnet", "forward_ofa"): (pytest.approx(1.1), 0.25)}
     rows = reproduce._merge([row("device_rec", "nextitnet", 0.12, 200.0)])  # the same key: replaced
     assert len(rows) == 4 and [r["ndcg10"] for r in rows if r["model"] == "nextitnet" and r["name"] == "device_rec"] == [0.12]
+
+
+def test_seeds_added_later_give_the_row_of_all_seeds_at_once(tmp_path, monkeypatch):
+    """`reproduce.py --add-seeds`: seed 0's row joined with a later run of seeds 1 and 2 equals
+    the row that one invocation over seeds 0, 1, 2 writes; a different cap is refused."""
+    from helpers import ROOT
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import reproduce
+
+    monkeypatch.setattr(reproduce, "RESULTS", tmp_path / "reproduction.json")
+    monkeypatch.setattr(reproduce, "plot", lambda rows, path: None)
+
+    def run(seed, ndcg):
+        return {"seed": seed, "ndcg10": ndcg, "hit10": 2 * ndcg, "flops": 100.0 + seed, "params": 5.0,
+                "shipped_params": 5.0, "kept_blocks_mean": 2.0 + seed, "train_s": 60.0 * (seed + 1), "epochs": 10 + seed,
+                "stopped": "early_stopping", "best_epoch": seed, "threads": 1,
+                "by_users": {"all": {"ndcg10": ndcg, "hit10": 2 * ndcg, "users": 10},
+                             "complete": {"ndcg10": ndcg + 0.01, "hit10": 0.5, "users": 6}}}
+
+    runs = [run(0, 0.10), run(1, 0.13), run(2, 0.16)]
+    args = ("forward_ofa", "beauty", "sasrec", "forward_ofa", 60.0, [])
+    reproduce.write([reproduce.row(*args, runs[:1])])
+    reproduce.write([reproduce.row(*args, runs[1:])], add_seeds=True)
+    joined = json.loads((tmp_path / "reproduction.json").read_text())["rows"]
+    whole = reproduce.row(*args, runs)
+    assert len(joined) == 1 and joined[0]["seeds"] == [0, 1, 2]
+    for k in ("ndcg10", "hit10", "flops", "kept_blocks_mean", "train_s"):
+        assert joined[0][k] == pytest.approx(whole[k])
+    assert joined[0]["ndcg10"] == pytest.approx(0.13) and joined[0]["by_users"]["complete"]["ndcg10"] == pytest.approx(0.14)
+    assert joined[0]["ndcg10_per_seed"] == [0.10, 0.13, 0.16] and joined[0]["epochs"] == [10, 11, 12]
+    assert joined[0]["by_users_per_seed"]["complete"] == pytest.approx([0.11, 0.14, 0.17])
+    with pytest.raises(SystemExit, match="max_minutes"):
+        reproduce.write([reproduce.row("forward_ofa", "beauty", "sasrec", "forward_ofa", 30.0, [], [run(3, 0.1)])],
+                        add_seeds=True)
+    with pytest.raises(SystemExit, match="already has seeds"):
+        reproduce.write([reproduce.row(*args, [run(1, 0.1)])], add_seeds=True)
