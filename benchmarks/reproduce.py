@@ -205,7 +205,8 @@ def table(rows: list[dict]) -> None:
 
 def plot(rows: list[dict], path: Path) -> None:
     """NDCG@10 against FLOPs per inference, one panel per data set and model, every row a point
-    (a colour per method; filled: trained under the 60-minute cap, hollow: a shorter one), and
+    (a colour per method; filled: trained under the 60-minute cap, hollow: a shorter one; bars:
+    the seeds' standard deviation), and
     crosses where the paper's ratios to DeviceRec would put its methods beside this device_rec."""
     import matplotlib
 
@@ -226,6 +227,10 @@ def plot(rows: list[dict], path: Path) -> None:
                                facecolors=colour[m] if full_cap else "none", edgecolors=colour[m],
                                label=m if full_cap or not any(r["max_minutes"] >= 60 for r in mine
                                                               if r["method"] == m) else None)
+        for r in mine:  # several seeds: their standard deviation
+            if len(r.get("ndcg10_per_seed", [])) > 1:
+                ax.errorbar(r["flops"] / 1e6, r["ndcg10"], yerr=statistics.stdev(r["ndcg10_per_seed"]),
+                            color=colour[r["method"]], capsize=3, lw=1)
         for r in mine:
             if r["name"] != r["method"]:  # variants and shorter caps: their names
                 ax.annotate(r["name"].removeprefix(r["method"]).strip(" ,") or r["name"],
