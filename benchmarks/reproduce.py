@@ -11,8 +11,8 @@ blocks as forward_ofa keeps on average. Each row of benchmarks/results/reproduct
 its method, model, data set, seeds, cap and the overrides it ran with (the command that
 reproduces it); rows of earlier invocations are kept, a row of the same name, data set and model
 is replaced; with --add-seeds, the new seeds join the row of the same name instead (same cap,
-overrides and threads; its means become the means over all its seeds). Prints a Markdown table beside the paper's numbers and draws
-benchmarks/results/reproduction.png (NDCG@10 against FLOPs per inference, the paper's ratios
+overrides and threads; its means become the means over all its seeds). Prints a Markdown table
+beside the paper's numbers and draws benchmarks/results/reproduction.png (NDCG@10 against FLOPs per inference, the paper's ratios
 marked).
 """
 
@@ -135,10 +135,7 @@ def write(new_rows: list[dict], add_seeds: bool = False) -> None:
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     with open(RESULTS.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if add_seeds:
-            old = {_key(r): r for r in json.loads(RESULTS.read_text())["rows"]} if RESULTS.exists() else {}
-            new_rows = [join_seeds(old[_key(r)], r) if _key(r) in old else r for r in new_rows]
-        rows = _merge(new_rows)
+        rows = _merge(new_rows, add_seeds)
     table(rows)
 
 
@@ -172,9 +169,13 @@ def _key(row: dict) -> tuple[str, str, str]:
     return row["name"], row["dataset"], row["model"]
 
 
-def _merge(new_rows: list[dict]) -> list[dict]:
+def _merge(new_rows: list[dict], add_seeds: bool = False) -> list[dict]:
+    """Each new row replaces the row of its key (or, with `add_seeds`, joins it)."""
     rows = json.loads(RESULTS.read_text())["rows"] if RESULTS.exists() else []
     for new in new_rows:
+        old = next((r for r in rows if _key(r) == _key(new)), None)
+        if old is not None and add_seeds:
+            new = join_seeds(old, new)
         rows = [r for r in rows if _key(r) != _key(new)] + [new]
     for r in rows:  # ratios to the plain device_rec of the same data set and model
         base = next((b for b in rows if _key(b) == ("device_rec", r["dataset"], r["model"])), None)
@@ -187,6 +188,12 @@ def _merge(new_rows: list[dict]) -> list[dict]:
     return rows
 
 
+def spread(row: dict) -> float | None:
+    """The standard deviation of a row's NDCG@10 over its seeds (None for one seed)."""
+    per_seed = row.get("ndcg10_per_seed", [])
+    return statistics.stdev(per_seed) if len(per_seed) > 1 else None
+
+
 def table(rows: list[dict]) -> None:
     print("| data set | model | method | NDCG@10 | Hit@10 | complete users NDCG@10 | vs device_rec | FLOPs x | "
           "params x | blocks kept | paper |")
@@ -195,8 +202,7 @@ def table(rows: list[dict]) -> None:
         rel = lambda k: f"{r[k]:.2f}" if r.get(k) is not None else "-"  # noqa: E731
         paper = f"{r['paper_ndcg10']:.4f}" if r["paper_ndcg10"] else "-"
         complete = r.get("by_users", {}).get("complete", {}).get("ndcg10")
-        ndcg = f"{r['ndcg10']:.4f}" + (f" ± {statistics.stdev(r['ndcg10_per_seed']):.4f}"
-                                        if len(r.get("ndcg10_per_seed", [])) > 1 else "")
+        ndcg = f"{r['ndcg10']:.4f}" + (f" ± {spread(r):.4f}" if spread(r) is not None else "")
         print(f"| {r['dataset']} | {r['model']} | {r['name']} | {ndcg} | {r['hit10']:.4f} | "
               f"{'-' if complete is None else f'{complete:.4f}'} | "
               f"{rel('ndcg10_vs_device_rec')} | {rel('flops_vs_device_rec')} | {rel('params_vs_device_rec')} | "
@@ -228,9 +234,8 @@ def plot(rows: list[dict], path: Path) -> None:
                                label=m if full_cap or not any(r["max_minutes"] >= 60 for r in mine
                                                               if r["method"] == m) else None)
         for r in mine:  # several seeds: their standard deviation
-            if len(r.get("ndcg10_per_seed", [])) > 1:
-                ax.errorbar(r["flops"] / 1e6, r["ndcg10"], yerr=statistics.stdev(r["ndcg10_per_seed"]),
-                            color=colour[r["method"]], capsize=3, lw=1)
+            if spread(r) is not None:
+                ax.errorbar(r["flops"] / 1e6, r["ndcg10"], yerr=spread(r), color=colour[r["method"]], capsize=3, lw=1)
         for r in mine:
             if r["name"] != r["method"]:  # variants and shorter caps: their names
                 ax.annotate(r["name"].removeprefix(r["method"]).strip(" ,") or r["name"],

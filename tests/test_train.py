@@ -167,9 +167,9 @@ def test_complete_users_need_a_gap_list(shared_data, tmp_path):
     assert res.returncode != 0 and "eval.users=complete needs a list" in res.stderr and "Traceback" not in res.stderr
 
 
-def test_reproduction_rows_of_two_backbones_live_side_by_side(tmp_path, monkeypatch):
-    """benchmarks/reproduce.py keys a row by name, data set and model: a NextItNet `device_rec`
-    must not replace the SASRec one, and each row's ratios are to its own backbone's."""
+@pytest.fixture
+def reproduce(tmp_path, monkeypatch):
+    """benchmarks/reproduce.py writing its results to tmp_path, without drawing."""
     from helpers import ROOT
 
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
@@ -177,7 +177,12 @@ def test_reproduction_rows_of_two_backbones_live_side_by_side(tmp_path, monkeypa
 
     monkeypatch.setattr(reproduce, "RESULTS", tmp_path / "reproduction.json")
     monkeypatch.setattr(reproduce, "plot", lambda rows, path: None)
+    return reproduce
 
+
+def test_reproduction_rows_of_two_backbones_live_side_by_side(reproduce):
+    """benchmarks/reproduce.py keys a row by name, data set and model: a NextItNet `device_rec`
+    must not replace the SASRec one, and each row's ratios are to its own backbone's."""
     def row(name, model, ndcg, flops):
         return {"name": name, "method": name, "model": model, "dataset": "ml1m_sas", "ndcg10": ndcg, "flops": flops,
                 "params": 1.0, "shipped_params": 1.0}
@@ -191,17 +196,9 @@ def test_reproduction_rows_of_two_backbones_live_side_by_side(tmp_path, monkeypa
     assert len(rows) == 4 and [r["ndcg10"] for r in rows if r["model"] == "nextitnet" and r["name"] == "device_rec"] == [0.12]
 
 
-def test_seeds_added_later_give_the_row_of_all_seeds_at_once(tmp_path, monkeypatch):
+def test_seeds_added_later_give_the_row_of_all_seeds_at_once(reproduce, tmp_path):
     """`reproduce.py --add-seeds`: seed 0's row joined with a later run of seeds 1 and 2 equals
     the row that one invocation over seeds 0, 1, 2 writes; a different cap is refused."""
-    from helpers import ROOT
-
-    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
-    import reproduce
-
-    monkeypatch.setattr(reproduce, "RESULTS", tmp_path / "reproduction.json")
-    monkeypatch.setattr(reproduce, "plot", lambda rows, path: None)
-
     def run(seed, ndcg):
         return {"seed": seed, "ndcg10": ndcg, "hit10": 2 * ndcg, "flops": 100.0 + seed, "params": 5.0,
                 "shipped_params": 5.0, "kept_blocks_mean": 2.0 + seed, "train_s": 60.0 * (seed + 1), "epochs": 10 + seed,
