@@ -42,7 +42,7 @@ from clients.state import Devices, load_fixed  # noqa: E402
 from fl_sim import runfiles  # noqa: E402
 from fl_sim.cli import CONF_DIR  # noqa: E402
 from fl_sim.data import build_streams, load_dataset, select_devices  # noqa: E402
-from fl_sim.pretrain import pretrained  # noqa: E402
+from fl_sim.pretrain import deployment_users, pretrained  # noqa: E402
 from fl_sim.training import left_pad  # noqa: E402
 from strategies.cloud import Cloud  # noqa: E402
 
@@ -54,7 +54,7 @@ def run_files(overrides: list[str], folder: Path) -> Path:
     inter, _ = load_dataset(cfg.dataset, num_clients=cfg.num_clients, seed=cfg.seed, cache_dir=cfg.cache_dir)
     streams = build_streams(select_devices(inter, cfg.num_clients, cfg.seed), cfg.streams, cfg.seed)
     model, fp, _ = pretrained(cfg, streams)
-    runfiles.write(folder, cfg, streams, model, fp)
+    runfiles.write(folder, cfg, streams, model, fp, deployment_users(cfg, streams, model)[0])
     return folder
 
 

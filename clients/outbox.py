@@ -137,21 +137,10 @@ def _encode_flops(fx: Fixed) -> float:
     return flops + (cost.gru_flops(d, model.upload_h_dim, W) if model.upload_h_dim else 0)
 
 
-@torch.no_grad()
 def first_user_vectors(fx: Fixed, rows: np.ndarray) -> np.ndarray:
-    """The cloud's shared model over each device's history (which the cloud holds)."""
-    bb, s = fx.model.backbone, fx.s
-    g = fx.devices[rows]
-    out = np.zeros((len(rows), bb.d), np.float32)
-    batch = int(fx.cfg.sim.batch)
-    lengths = np.minimum(s.split[g] - s.indptr[g], bb.maxlen)
-    order = np.argsort(lengths, kind="stable")  # similar lengths together: less padding
-    order = order[lengths[order] > 0]
-    for b0 in range(0, len(order), batch):
-        part = order[b0:b0 + batch]
-        seqs = [fx.ids[s.split[gi] - n:s.split[gi]] for gi, n in zip(g[part], lengths[part])]
-        out[part] = bb(left_pad(seqs, bb.maxlen))[:, -1].numpy()
-    return out
+    """The cloud's shared model over each device's history (which the cloud holds): computed by
+    the cloud before deployment (fl_sim.pretrain.history_users), read from the run's files."""
+    return np.asarray(fx.history_users[fx.devices[rows]], np.float32)
 
 
 def _start_local_training(fx: Fixed, st: Devices, rows: np.ndarray, ends: np.ndarray, t: np.ndarray,

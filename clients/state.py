@@ -62,6 +62,7 @@ class Fixed:
     static: bool  # one model for everyone: requests bring candidates only
     local_training: bool  # finetune: the device trains its own model when its trigger fires
     chunk: int  # events scored per causal pass (anchored at each device's first event)
+    history_users: np.ndarray  # [n_devices, d] by global id: the cloud's user vector from each history (mapped)
 
 
 def load_fixed(run_dir: str, shard: int, n_shards: int) -> Fixed:
@@ -88,7 +89,8 @@ def load_fixed(run_dir: str, shard: int, n_shards: int) -> Fixed:
                  base_params=float(cost.base_params(bb, n_cand or None)),
                  seen_key=key[order], seen_first=(np.concatenate(first) if first else np.zeros(0, np.int64))[order],
                  faults=Faults.from_cfg(cfg), static=model.mapper is None and model.spec.structure == "all",
-                 local_training=local_training, chunk=max(1, bb.maxlen // 2))
+                 local_training=local_training, chunk=max(1, bb.maxlen // 2),
+                 history_users=runfiles.load_history_users(run_dir))
 
 
 @dataclass

@@ -1,8 +1,11 @@
 """The cloud's model before deployment: trained centrally on the history it holds (never on
-the devices' real-time streams), cached by a hash of everything that affects it."""
+the devices' real-time streams), cached by a hash of everything that affects it; and what that
+model makes of each device's history (its user vector at deployment), cached with it."""
 
 from __future__ import annotations
 
+import hashlib
+import os
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +16,7 @@ from fl_sim.data import DeviceStreams, Interactions
 from fl_sim.models import checkpoint
 from fl_sim.models.factory import build_model
 from fl_sim.models.recommender import Recommender
-from fl_sim.training import OfflineData, fit, set_reference
+from fl_sim.training import OfflineData, fit, left_pad, set_reference
 
 
 def history_only(streams: DeviceStreams) -> Interactions:
@@ -60,6 +63,49 @@ def pretrained(cfg: DictConfig, streams: DeviceStreams, progress=None) -> tuple[
     path.parent.mkdir(parents=True, exist_ok=True)
     checkpoint.save(path, model, fp)
     return model.eval(), fp, False
+
+
+@torch.no_grad()
+def history_users(model: Recommender, item: np.ndarray, indptr: np.ndarray, split: np.ndarray,
+                  batch: int = 128) -> np.ndarray:
+    """[n_devices, d] the cloud's shared model over each device's history (its last `maxlen`
+    items before the stream; zeros without history): the user vector the cloud retrieves each
+    device's first candidates with. The cloud holds the histories, so it computes these before
+    deployment, once for the whole fleet; a device's row depends on its own items only."""
+    bb = model.backbone
+    n = len(split)
+    out = np.zeros((n, bb.d), np.float32)
+    lengths = np.minimum(split - indptr[:-1], bb.maxlen)
+    order = np.argsort(lengths, kind="stable")  # similar lengths together: less padding
+    order = order[lengths[order] > 0]
+    for b0 in range(0, len(order), batch):
+        part = order[b0:b0 + batch]
+        seqs = [np.asarray(item[split[g] - k:split[g]], np.int64) + 1 for g, k in zip(part, lengths[part])]
+        out[part] = bb(left_pad(seqs, bb.maxlen))[:, -1].numpy()
+    return out
+
+
+def deployment_users(cfg: DictConfig, streams: DeviceStreams, model: Recommender) -> tuple[np.ndarray, bool]:
+    """`history_users` for this run's pre-trained model, and whether they came from the cache:
+    they are kept next to the cached model, valid while its file is the one they were computed
+    from (a digest of its bytes)."""
+    path = pretrained_path(cfg, streams)
+    users_path = path.with_suffix(".users.npz")
+    source = hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else None
+    if source is not None and users_path.exists():
+        try:
+            with np.load(users_path) as z:
+                if str(z["source"]) == source and z["users"].shape == (len(streams.split), model.backbone.d):
+                    return z["users"], True
+        except Exception:  # damaged: compute again
+            pass
+    inter = streams.inter
+    users = history_users(model, inter.item, inter.indptr, streams.split, int(cfg.sim.batch))
+    if source is not None:
+        tmp = users_path.with_name(f"{users_path.stem}.{os.getpid()}.tmp.npz")
+        np.savez(tmp, users=users, source=np.array(source))
+        tmp.replace(users_path)
+    return users, False
 
 
 def stream_times(streams: DeviceStreams) -> np.ndarray:

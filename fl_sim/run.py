@@ -29,7 +29,7 @@ from fl_sim.devices import build_fleet
 from fl_sim.engine import SHARD_TIMES, TIMES, Recorder, schedule
 from fl_sim.errors import ConfigError
 from fl_sim.memory import PeakMemory
-from fl_sim.pretrain import pretrained, pretrained_path, stream_times
+from fl_sim.pretrain import deployment_users, pretrained, pretrained_path, stream_times
 
 
 def check_trigger(cfg: DictConfig) -> None:
@@ -102,7 +102,8 @@ def _pretrain(cfg: DictConfig, streams, backends: list, n_shards: int, run_dir: 
     if not backends:
         backends.append(make_backend(cfg, n_shards))
     shutil.rmtree(resume.folder(run_dir), ignore_errors=True)  # a fresh run: no earlier run's checkpoints
-    runfiles.write(run_dir, cfg, streams, model, fp)
+    users, _ = deployment_users(cfg, streams, model)  # the cloud's view of each history (cached with the model)
+    runfiles.write(run_dir, cfg, streams, model, fp, users)
     return model, cached
 
 

@@ -1,7 +1,8 @@
 """The files one simulation run shares between its cloud and its device shards.
 
 `python -m fl_sim.run` writes them once into RUN/.sim/: the resolved config, the device
-streams, and the pre-trained model; every shard (in-process or in a Ray worker) and the
+streams, the pre-trained model and each device's user vector from its history (which the
+cloud computes before deployment: fl_sim.pretrain.history_users); every shard (in-process or in a Ray worker) and the
 cloud read them from there. The streams are plain .npy arrays, memory-mapped read-only: the
 processes of one machine share one copy of them in the page cache instead of each holding
 its own.
@@ -40,7 +41,8 @@ class Streams:
         return len(self.split)
 
 
-def write(folder: Path, cfg: DictConfig, streams: DeviceStreams, model: Recommender, fingerprint: dict) -> None:
+def write(folder: Path, cfg: DictConfig, streams: DeviceStreams, model: Recommender, fingerprint: dict,
+          users: np.ndarray) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     inter = streams.inter
@@ -48,6 +50,7 @@ def write(folder: Path, cfg: DictConfig, streams: DeviceStreams, model: Recommen
               "split": streams.split, "n_items": np.array(inter.n_items)}
     for name, a in arrays.items():
         np.save(folder / f"stream_{name}.npy", np.asarray(a))
+    np.save(folder / "history_users.npy", np.asarray(users, np.float32))
     checkpoint.save(folder / "model.pt", model, fingerprint)
 
 
@@ -69,6 +72,11 @@ def load_streams(folder: str) -> Streams:
                    n_items=int(a["n_items"]))
 
 
+def load_history_users(folder: str) -> np.ndarray:
+    """[n_devices, d] each device's user vector from its history, memory-mapped (read-only)."""
+    return np.load(Path(folder) / "history_users.npy", mmap_mode="r")
+
+
 def load_model(folder: str) -> Recommender:
     cfg = load_config(folder)
     model = build_model(cfg.model, cfg.method, load_streams(folder).n_items)
@@ -77,7 +85,7 @@ def load_model(folder: str) -> Recommender:
     return model.eval()
 
 
-FILES = ("config.yaml", *(f"stream_{name}.npy" for name in STREAM_ARRAYS), "model.pt")
+FILES = ("config.yaml", *(f"stream_{name}.npy" for name in STREAM_ARRAYS), "history_users.npy", "model.pt")
 
 
 def pack(folder: str) -> dict[str, bytes]:

@@ -3,7 +3,7 @@
 import pandas as pd
 import pytest
 
-from helpers import SMALL, accounted, run_module, simulate
+from helpers import SMALL, accounted, make_cfg, run_module, simulate
 
 
 def test_summary_contract_and_accounting(baseline):
@@ -271,3 +271,40 @@ def test_windows_read_from_the_context_cache_score_as_one_pass(cache, monkeypatc
         assert np.allclose(got["ndcg"], whole.ndcg) and np.allclose(got["user"], whole.user, atol=1e-5)
         assert np.allclose(got["entropy"], whole.entropy, atol=1e-5)
     assert whole.scored.sum() > 500 and n_cached < 0.6 * n_plain, (n_cached, n_plain)
+
+
+def test_history_users_are_each_devices_own_pass_cached_with_the_model(tmp_path):
+    """The user vectors the cloud computes from the histories before deployment: each device's
+    row equals one pass of the shared model over its own history alone (no batch, no padding);
+    a second run reads them from the cache; a different model file computes them again."""
+    import numpy as np
+    import torch
+
+    from fl_sim.data import build_streams, load_dataset, select_devices
+    from fl_sim.models import checkpoint
+    from fl_sim.pretrain import deployment_users, pretrained, pretrained_path
+
+    cfg = make_cfg(*SMALL, f"cache_dir={tmp_path / 'cache'}", "sim.batch=7")
+    inter, _ = load_dataset(cfg.dataset, num_clients=cfg.num_clients, seed=cfg.seed, cache_dir=cfg.cache_dir)
+    streams = build_streams(select_devices(inter, cfg.num_clients, cfg.seed), cfg.streams, cfg.seed)
+    model, fp, _ = pretrained(cfg, streams)
+    users, cached = deployment_users(cfg, streams, model)
+    assert not cached and users.shape == (cfg.num_clients, model.backbone.d)
+    ids, ptr, split, T = streams.inter.item.astype(np.int64) + 1, streams.inter.indptr, streams.split, model.backbone.maxlen
+    with_history = 0
+    for g in range(cfg.num_clients):
+        if split[g] == ptr[g]:
+            assert not users[g].any()
+            continue
+        with torch.no_grad():
+            alone = model.backbone(torch.from_numpy(ids[max(ptr[g], split[g] - T):split[g]])[None])[0, -1].numpy()
+        assert np.allclose(users[g], alone, atol=1e-5), g
+        with_history += 1
+    assert with_history > cfg.num_clients // 2
+    again, cached = deployment_users(cfg, streams, model)
+    assert cached and np.array_equal(again, users)
+    with torch.no_grad():
+        model.backbone.item_emb.weight.mul_(2.0)
+    checkpoint.save(pretrained_path(cfg, streams), model, fp)  # another model under the same name
+    other, cached = deployment_users(cfg, streams, model)
+    assert not cached and not np.allclose(other, users)
