@@ -25,9 +25,10 @@ def run_module(module: str, *args: str, env: dict | None = None, cwd=ROOT) -> su
                           env=full_env, timeout=600)
 
 
-# A fleet run small enough for a test: 40 devices, a two-block model, 24 rounds.
+# A fleet run small enough for a test: 40 devices, a two-block model, 24 rounds of an hour.
 SMALL = ["num_clients=40", "model.n_blocks=2", "model.d=16", "model.maxlen=30", "model.hidden=16",
-         "sim.pretrain.max_epochs=1", "sim.max_rounds=24", "dataset.days=6", "dataset.sessions_per_day=3"]
+         "sim.pretrain.max_epochs=1", "sim.round_s=3600", "sim.max_rounds=24", "dataset.days=6",
+         "dataset.sessions_per_day=3"]
 
 
 # Summary keys that describe how a run ran, not what it measured.
