@@ -152,7 +152,12 @@ class RayFlower:
             from fl_sim import runfiles
 
             self.files = ray.put(runfiles.pack(run_dir))
-        self.loading = [a.load.remote(self.files) for a in self.actors]  # the first round waits for these
+        # Every shard holds its devices before the simulation's clock starts, as in-process (and
+        # as the compute floor's shard does); a shard that cannot load says why here.
+        try:
+            ray.get([a.load.remote(self.files) for a in self.actors])
+        except Exception as exc:
+            raise FlSimError(f"a shard could not load the run's files: {exc}") from exc
 
     def rebuild(self, s: int, checkpoint_dir: str | None, entries: list) -> None:
         """Shard s rebuilt in its actor (its state was lost or is in doubt). An actor that died
