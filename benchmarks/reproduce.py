@@ -12,8 +12,8 @@ its method, model, data set, seeds, cap and the overrides it ran with (the comma
 reproduces it); rows of earlier invocations are kept, a row of the same name, data set and model
 is replaced; with --add-seeds, the new seeds join the row of the same name instead (same cap,
 overrides and threads; its means become the means over all its seeds). Prints a Markdown table
-beside the paper's numbers and draws benchmarks/results/reproduction.png (NDCG@10 against FLOPs per inference, the paper's ratios
-marked).
+beside the paper's numbers and draws benchmarks/results/reproduction.png (NDCG@10 against FLOPs
+per inference, the paper's ratios marked).
 """
 
 from __future__ import annotations

@@ -73,8 +73,7 @@ def history_users(model: Recommender, item: np.ndarray, indptr: np.ndarray, spli
     device's first candidates with. The cloud holds the histories, so it computes these before
     deployment, once for the whole fleet; a device's row depends on its own items only."""
     bb = model.backbone
-    n = len(split)
-    out = np.zeros((n, bb.d), np.float32)
+    out = np.zeros((len(split), bb.d), np.float32)
     lengths = np.minimum(split - indptr[:-1], bb.maxlen)
     order = np.argsort(lengths, kind="stable")  # similar lengths together: less padding
     order = order[lengths[order] > 0]
