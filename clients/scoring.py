@@ -50,47 +50,16 @@ class Scored:
 class Context:
     """One device's hidden states over its anchored chunk under one model, from the pass that
     scored events from `c0` on: `hidden[i]` is the state after global event `pos0 + i`, up to
-    the chunk's end (`end`, exclusive). `ranked`: what events `r0` on were already scored
-    under this model, (r0, ndcg, hit, entropy, scored), so that reading them again (a device
-    that asked the cloud resumes after its request) does not rank them again."""
+    the chunk's end (`end`, exclusive)."""
 
     model: object
     c0: int
     pos0: int
     end: int
     hidden: np.ndarray
-    ranked: tuple | None = None
 
     def serves(self, model, c0: int, c1: int) -> bool:
         return model is self.model and self.c0 <= c0 and c1 <= self.end
-
-    def ranks(self, out: "Scored", o: int, c0: int, c1: int) -> int:
-        """Write the stored scores of events c0.. (up to c1) into `out` from index o; returns
-        the first event still to rank."""
-        if self.ranked is None:
-            return c0
-        r0, *values = self.ranked
-        k1 = min(c1, r0 + len(values[0]))
-        if not r0 <= c0 < k1:
-            return c0
-        for name, v in zip(("ndcg", "hit", "entropy", "scored"), values):
-            getattr(out, name)[o:o + k1 - c0] = v[c0 - r0:k1 - r0]
-        return k1
-
-    def remember(self, out: "Scored", o: int, c0: int, c1: int) -> None:
-        """Store the scores of events c0:c1 (at out[o:]) unless stored ones reach further."""
-        if self.ranked is not None and self.ranked[0] + len(self.ranked[1]) >= c1:
-            return
-        self.ranked = (c0, *(getattr(out, name)[o:o + c1 - c0].copy() for name in ("ndcg", "hit", "entropy", "scored")))
-
-
-def drop_read(cache: dict, rows: np.ndarray, pos: np.ndarray) -> None:
-    """Forget the contexts of devices `rows` that have replayed to their chunk's end (`pos`:
-    each row's next event): nothing in them is read again."""
-    for j in rows.tolist():
-        ctx = cache.get(j)
-        if ctx is not None and pos[j] >= ctx.end:
-            del cache[j]
 
 
 def switch_points(fx: Fixed, st: Devices, active: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
@@ -145,51 +114,35 @@ def score(fx: Fixed, st: Devices, active: np.ndarray, lo: np.ndarray, hi: np.nda
     for j, _, _, c1, *_ in [*cached, *(job for jobs in groups.values() for job in jobs)]:
         latest[j] = max(latest.get(j, c1), c1)
     for jobs in groups.values():
-        for part in _batches(fx, jobs, batch):
-            passed = _pass(fx, part)
+        # Similar lengths together: a batch pads to its longest sequence (padding changes no result).
+        jobs.sort(key=lambda job: (lambda c: c[1] - c[0])(_context(fx, job[0], job[2])))
+        for b0 in range(0, len(jobs), batch):
+            passed = _pass(fx, jobs[b0:b0 + batch])
             _emit(fx, out, passed)
             if cache is not None:
-                _keep(cache, passed, latest, out)
-    read = [(j, m, c0, c1, o, torch.from_numpy(ctx.hidden), ctx.pos0, ctx) for j, m, c0, c1, o, ctx in cached]
+                _keep(cache, passed, latest)
+    read = [(j, m, c0, c1, o, torch.from_numpy(ctx.hidden), ctx.pos0) for j, m, c0, c1, o, ctx in cached]
     for b0 in range(0, len(read), batch):
         _emit(fx, out, read[b0:b0 + batch])
-    for j, _, c0, c1, o, ctx in cached:
-        if c1 == latest[j] and cache.get(j) is ctx:
-            ctx.remember(out, o, c0, c1)
+    for j, _, _, c1, _, ctx in cached:  # a context read to its chunk's end has nothing more to give
+        if c1 == latest[j] and c1 >= ctx.end and cache.get(j) is ctx:
+            del cache[j]
     return out
 
 
-def _batches(fx: Fixed, jobs: list, batch: int) -> list[list]:
-    """The jobs of one structure in batches of at most `batch`, similar lengths together: a
-    batch pads every sequence to its longest (padding changes no result, but costs as much as
-    items), so a batch also ends where its padding would pass a tenth of its items (plus a few
-    hundred positions: a pass of its own costs about that much)."""
-    lengths = np.array([(lambda c: c[1] - c[0])(_context(fx, job[0], job[2])) for job in jobs])
-    order = np.argsort(lengths, kind="stable")
-    out, part, items = [], [], 0
-    for i in order.tolist():
-        width = int(lengths[i])  # ascending: the widest so far
-        if part and (len(part) == batch or width * (len(part) + 1) > 1.1 * (items + width) + 256):
-            out.append(part)
-            part, items = [], 0
-        part.append(jobs[i])
-        items += width
-    return out + [part] if part else out
-
-
-def _keep(cache: dict, passed: list, latest: dict, out: Scored) -> None:
-    """The context of each passed job that is its device's latest: from the state before the
-    job's first event on (a copy, not a view that would keep the whole batch's states alive),
-    with the scores just written. Kept to the chunk's end even when the job reached it: a
-    device that asks the cloud stops at its request and reads the rest later (the shard drops
-    it once the device has replayed it, `drop_read`)."""
-    for j, model, c0, c1, o, hidden, pos0, _ in passed:
+def _keep(cache: dict, passed: list, latest: dict) -> None:
+    """The context of each passed job that is its device's latest, while events of its chunk
+    remain after it: from the state before the job's first event on (a copy, not a view that
+    would keep the whole batch's states alive)."""
+    for j, model, c0, c1, _, hidden, pos0 in passed:
         if c1 != latest[j]:
             continue
+        end = pos0 + hidden.shape[0]
+        if c1 >= end:
+            cache.pop(j, None)
+            continue
         start = max(pos0, c0 - 1)
-        ctx = Context(model, c0, start, pos0 + hidden.shape[0], hidden[start - pos0:].numpy().copy())
-        ctx.remember(out, o, c0, c1)
-        cache[j] = ctx
+        cache[j] = Context(model, c0, start, end, hidden[start - pos0:].numpy().copy())
 
 
 def _context(fx: Fixed, j: int, c0: int) -> tuple[int, int]:
@@ -227,21 +180,19 @@ def _pass(fx: Fixed, jobs: list) -> list:
             params[k] = mapper.params_from_terms(block, k, stacked) if mapper is not None else block.unflatten(stacked)
     hidden = bb(seq, params=params, blocks=kept)
     width = seq.shape[1]
-    return [(*job, hidden[b, width - len(q):], first, None) for b, (job, q, first) in enumerate(zip(jobs, seqs, firsts))]
+    return [(*job, hidden[b, width - len(q):], first) for b, (job, q, first) in enumerate(zip(jobs, seqs, firsts))]
 
 
 def _emit(fx: Fixed, out: Scored, jobs: list) -> None:
     """Write each job's events into `out` from its chunk's hidden states (`hidden[i]`: the state
     after global event pos0 + i): every event's user vector (the state after it), and for
-    events with something before them in the chunk, their rank under the state before it
-    (read from the job's context where it stored them)."""
+    events with something before them in the chunk, their rank under the state before it."""
     users, o_all, before, o_sc, rows_sc, ev_sc, cand = [], [], [], [], [], [], []
-    for j, model, c0, c1, o, hidden, pos0, ctx in jobs:
+    for j, model, c0, c1, o, hidden, pos0 in jobs:
         users.append(hidden[c0 - pos0:c1 - pos0])
         o_all.append(np.arange(o, o + c1 - c0))
         out.blocks[o:o + c1 - c0] = model.blocks
-        k0 = c0 if ctx is None else ctx.ranks(out, o, c0, c1)
-        s0 = max(k0, pos0 + 1)  # events whose previous state is in the chunk, not yet ranked
+        s0 = max(c0, pos0 + 1)  # events whose previous state is in the chunk
         if s0 < c1:
             before.append(hidden[s0 - 1 - pos0:c1 - 1 - pos0])
             o_sc.append(np.arange(o + s0 - c0, o + c1 - c0))

@@ -22,7 +22,7 @@ from hydra.utils import instantiate
 
 from clients import inbox, outbox
 from clients.replay import replay
-from clients.scoring import drop_read, score
+from clients.scoring import score
 from clients.state import Devices, load_fixed
 from fl_sim.protocol import Deliveries, Requests
 from fl_sim.resume import load_state, save_state
@@ -107,12 +107,15 @@ class Shard:
             st.hi = np.maximum(st.pos, self._events_before(t1))
             active = np.flatnonzero(~st.parked & (st.pos < st.hi))
             if len(active):
-                start = st.pos.copy()
-                rows, events, user = self._replay_window(active, clock)
+                lo = st.pos.copy()
+                clock.lap("replay")
+                sc = score(fx, st, active, lo, st.hi, self.contexts)
+                clock.lap("score")
+                rows, events = replay(fx, st, self.trigger, active, lo, st.hi, sc)
+                clock.lap("replay")
                 if len(rows):
-                    # In the order the events came (then by row), as one pass over the window sends them.
-                    order = np.lexsort((rows, events - start[rows]))
-                    rows, events, user = rows[order], events[order], user[order]
+                    at = np.searchsorted(active, rows)
+                    user = sc.user[sc.offset[at] + events - lo[rows]]
                     req = outbox.build(fx, st, rows, events + 1, fx.s.ts[events], user)
                     clock.lap("request")
         after = {k: float(st.acc[k].sum()) for k in before}
@@ -120,37 +123,6 @@ class Shard:
                    "ndcg_sum": after["ndcg"] - before["ndcg"], "hit_sum": after["hit"] - before["hit"]}
         clock.lap("replay")
         return req, {**metrics, **clock.laps}, int(st.parked.sum())
-
-    def _replay_window(self, active: np.ndarray, clock: Clock) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Score and replay the active devices' events up to st.hi. With the context cache, a
-        chunk at a time: a device that asks the cloud stops there, so the next chunk of its
-        window would be passed through its model for nothing (its pending model scores it);
-        the events after its request that were scored are kept with the chunk's context, and
-        read, not ranked again, when it resumes. Returns the devices that asked, the event each
-        asked at, and the user vector its request carries."""
-        fx, st, cache = self.fx, self.st, self.contexts
-        sent: list = []
-        while len(active):
-            lo, stop = st.pos.copy(), st.hi.copy()
-            if cache is not None:  # to the end of the chunk holding each device's next event
-                base = fx.s.indptr[fx.devices[active]]
-                stop[active] = np.minimum(st.hi[active], base + ((lo[active] - base) // fx.chunk + 1) * fx.chunk)
-            clock.lap("replay")
-            sc = score(fx, st, active, lo, stop, cache)
-            clock.lap("score")
-            rows, events = replay(fx, st, self.trigger, active, lo, stop, sc)
-            if cache is not None:
-                drop_read(cache, active, st.pos)
-            clock.lap("replay")
-            if len(rows):
-                at = np.searchsorted(active, rows)
-                sent.append((rows, events, sc.user[sc.offset[at] + events - lo[rows]]))
-            going = st.pos[active] < st.hi[active]
-            going[np.searchsorted(active, rows)] = False
-            active = active[going]
-        if not sent:
-            return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, fx.emb.shape[1]), np.float32)
-        return tuple(np.concatenate(x) for x in zip(*sent))
 
     def _events_before(self, t: float) -> np.ndarray:
         """Per device, one past its last event before t (global index)."""

@@ -273,50 +273,6 @@ def test_windows_read_from_the_context_cache_score_as_one_pass(cache, monkeypatc
     assert whole.scored.sum() > 500 and n_cached < 0.6 * n_plain, (n_cached, n_plain)
 
 
-def test_a_device_resuming_after_its_request_reads_the_scores_it_stored(cache, monkeypatch, tmp_path):
-    """A device that asked the cloud stops at its request and resumes from the next event: the
-    events it had scored beyond the request, under the same model, are read back from its
-    context (not ranked again) and equal one call over the whole stream."""
-    import sys
-
-    import numpy as np
-
-    import clients.scoring as scoring
-    from helpers import ROOT
-
-    monkeypatch.setenv("FL_SIM_CACHE", str(cache))
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from floor import deployed, run_files
-
-    fx, st = deployed(str(run_files(SMALL, tmp_path / "run")))
-    rows = np.arange(len(fx.devices))
-    start, stop = fx.s.split[fx.devices].copy(), fx.s.indptr[fx.devices + 1].copy()
-    whole = scoring.score(fx, st, rows, start, stop)
-    mid = start + (stop - start) // 2  # the first call scores start:mid
-    resume = start + (stop - start) // 4  # as if each device had asked at resume - 1
-    contexts: dict = {}
-    scoring.score(fx, st, rows, start, mid, contexts)
-    ranked = []
-    real_rank = scoring.rank_targets
-    monkeypatch.setattr(scoring, "rank_targets", lambda fx, h, r, ev, cand: ranked.append(len(r))
-                        or real_rank(fx, h, r, ev, cand))
-    again = scoring.score(fx, st, rows, resume, stop, contexts)
-    stored = 0
-    for a in rows:
-        got, want = slice(again.offset[a], again.offset[a + 1]), slice(whole.offset[a] + resume[a] - start[a],
-                                                                       whole.offset[a + 1])
-        assert (again.scored[got] == whole.scored[want]).all()
-        assert np.allclose(again.ndcg[got], whole.ndcg[want]) and np.allclose(again.entropy[got], whole.entropy[want],
-                                                                               atol=1e-5)
-        # Stored: the events from resume to mid in the chunk the first call ended in.
-        base = fx.s.indptr[fx.devices[a]]
-        if mid[a] > resume[a]:
-            first = max(resume[a], start[a], base + (mid[a] - 1 - base) // fx.chunk * fx.chunk)
-            stored += int(whole.scored[whole.offset[a] + first - start[a]:whole.offset[a] + mid[a] - start[a]].sum())
-    assert stored > 100
-    assert sum(ranked) == int(again.scored.sum()) - stored
-
-
 def test_history_users_are_each_devices_own_pass_cached_with_the_model(tmp_path):
     """The user vectors the cloud computes from the histories before deployment: each device's
     row equals one pass of the shared model over its own history alone (no batch, no padding);
