@@ -3,9 +3,9 @@
 `python -m fl_sim.run` writes them once into RUN/.sim/: the resolved config, the device
 streams, the pre-trained model and each device's user vector from its history (which the
 cloud computes before deployment: fl_sim.pretrain.history_users); every shard (in-process or
-in a Ray worker) and the cloud read them from there. The streams are plain .npy arrays, memory-mapped read-only: the
-processes of one machine share one copy of them in the page cache instead of each holding
-its own.
+in a Ray worker) and the cloud read them from there. The streams are plain .npy arrays,
+memory-mapped read-only: the processes of one machine share one copy of them in the page
+cache instead of each holding its own.
 """
 
 from __future__ import annotations
