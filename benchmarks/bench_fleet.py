@@ -115,6 +115,8 @@ def floors(result: dict, runs: dict, cache: str, sizes: list[int]) -> None:
         row["floor_run"] = {k: mid[k] for k in ("process_wall_s", "sim_wall_s", "peak_rss_mb", "ndcg10", "time_s")}
         row["simulation_over_floor"] = round(mid["sim_wall_s"] / fl["floor_s"], 2)
         row["simulation_over_floor_versions"] = round(mid["sim_wall_s"] / fl["floor_versions_s"], 2)
+        # The same without the engine's fixed start and stop (time_s: engine, rounds).
+        row["rounds_over_floor_versions"] = round(mid["time_s"]["rounds"] / fl["floor_versions_s"], 2)
 
 
 def checkpoints(result: dict, runs: dict, cache: str, n: int) -> None:

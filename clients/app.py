@@ -47,7 +47,7 @@ def train(msg: Message, context) -> Message:
                                Deliveries.from_arrays(protocol.from_record(msg.content["deliveries"])))
     except Exception as exc:  # the error reply names the shard (see strategies.app)
         raise RuntimeError(f"shard={shard}: {exc}") from exc
-    if reply is None:  # the run is over: nothing was posted for this tick
+    if reply is None:  # no exchange for this tick (the warm-up tick, or the run is over)
         return Message(RecordDict({"info": ConfigRecord({"shard": shard, "stop": True})}), reply_to=msg)
     content = {"requests": protocol.to_record(reply.requests.arrays()),
                "metrics": MetricRecord({**reply.metrics, "shard": shard}),
@@ -222,7 +222,8 @@ class ShardActor:
     def post(self, tick: int, job: dict) -> None:
         """The exchange the ClientApp's message number `tick` runs: {"window", "round",
         "exchange", "deliveries"}, {"lost": True} for an injected node loss (the shard's state is
-        wiped; the actor stays, to be rebuilt), or {"stop": True} once the run is over."""
+        wiped; the actor stays, to be rebuilt), or {"stop": True}: no exchange for this tick (the
+        warm-up tick before the first, or the run is over)."""
         with self.posted:
             if job.get("lost"):
                 self.shard = None

@@ -74,7 +74,9 @@ def drive(rec: "Recorder", exchange) -> None:
     exchanges go on while some device waits for the cloud's answer (answers install within the
     window at the moment the network delivers them). `exchange(round, k, window, inboxes)`
     runs every shard's exchange wherever the backend runs it and returns their `Reply`s (a
-    failed shard is reported through `rec.shard_failed` and left out)."""
+    failed shard is reported through `rec.shard_failed` and left out). Its wall time is
+    `rec.loop_s` (the simulation's time less the backend's start and stop)."""
+    start = time.perf_counter()
     while (r := rec.next_round()) is not None:
         window = rec.window(r)
         k = 0
@@ -84,6 +86,7 @@ def drive(rec: "Recorder", exchange) -> None:
                 break
             k += 1
         rec.end_round(r)
+    rec.loop_s = time.perf_counter() - start
 
 
 class Recorder:
@@ -120,6 +123,7 @@ class Recorder:
         # (beta, h, user) each of those requests uploaded, when kept (privacy.log_uploads)
         self.upload_log: list[tuple[np.ndarray, ...]] | None = [] if keep_uploads else None
         self.progress = None
+        self.loop_s: float | None = None  # wall time of the round loop (drive)
         self.on_round_end = None  # called with each round's index once it is collected (checkpoints)
         self._row: dict | None = None
         self._clock = time.perf_counter()

@@ -261,7 +261,7 @@ def write_results(cfg, out: Path, rec: Recorder, s: runfiles.Streams, shifts: pd
                          "max": max(checkpoint_s, default=None)},
         "sim_time_s": sim_time, "t_start": rec.sched.t0, "t_end": rec.sched.t0 + sim_time,
         "wall_s": time.perf_counter() - start, "sim_wall_s": sim_wall,
-        "time_s": time_breakdown(rounds, sim_wall, parallel=backend.name != "inprocess"),
+        "time_s": time_breakdown(rounds, sim_wall, rec.loop_s, parallel=backend.name != "inprocess"),
         "pretrain_cached": cached,
         "resumed": bool(cfg.resume),  # wall_s, sim_wall_s and peak_rss_mb then cover the resumed part only
         # this process and all it started (Ray included), plus on a cluster each other node's Ray
@@ -276,17 +276,20 @@ def write_results(cfg, out: Path, rec: Recorder, s: runfiles.Streams, shifts: pd
     return summary
 
 
-def time_breakdown(rounds: pd.DataFrame, sim_wall: float, parallel: bool) -> dict:
-    """Where the simulation's wall time went: the cloud (admitting and answering requests), the
-    shards (`parallel`: the slowest shard of each exchange, as they run side by side; else all
-    of them, one after another), and the rest
+def time_breakdown(rounds: pd.DataFrame, sim_wall: float, loop_s: float | None, parallel: bool) -> dict:
+    """Where the simulation's wall time went: the backend's engine (on Ray, Flower's simulation
+    engine starting, its ClientApp workers starting, and stopping after the last reply: a fixed
+    cost, whatever the fleet's size), and the round loop (`rounds`), split into the cloud
+    (admitting and answering requests), the shards (`parallel`: the slowest shard of each
+    exchange, as they run side by side; else all of them, one after another), and the rest
     (messages between the cloud and the shards, routing, checkpoints); and each shard step's
     seconds summed over shards (receive: downloads and installs; score: ranking events;
     replay: walking events and triggers; request: building requests)."""
     total = {k: float(rounds[k].sum()) if k in rounds else 0.0 for k in TIMES}
     shards = total["time_shard_slowest"] if parallel else sum(total[k] for k in SHARD_TIMES)
-    return {"simulation": sim_wall, "cloud": total["time_cloud"], "shards": shards,
-            "transport_and_loop": sim_wall - total["time_cloud"] - shards,
+    loop = sim_wall if loop_s is None else loop_s
+    return {"simulation": sim_wall, "engine": sim_wall - loop, "rounds": loop, "cloud": total["time_cloud"],
+            "shards": shards, "transport_and_loop": loop - total["time_cloud"] - shards,
             "shard_steps_summed": {k.removeprefix("time_"): total[k] for k in SHARD_TIMES}}
 
 

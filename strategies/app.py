@@ -43,6 +43,11 @@ class CloudStrategy(Strategy):
         if hasattr(grid, "pull_interval"):  # a grid polling for replies: 0.1 s an exchange adds up
             grid.pull_interval = 0.002
         if self.post is not None:
+            # A first tick with no exchange: the ClientApp workers start and import the project
+            # now, before the round loop's clock (fl_sim.engine.drive) starts.
+            self.post(self.tick, 0, 0, None, None)
+            self._pull(grid, self._push_tick(grid))
+            self.tick += 1
             self.ahead = self._push_tick(grid)
         drive(self.rec, lambda r, k, window, inboxes: self.exchange(grid, r, k, window, inboxes))
         if self.post is not None:  # the tick sent ahead finds the run over
@@ -77,13 +82,15 @@ class CloudStrategy(Strategy):
         """Every reply to the exchange's messages (as Grid.send_and_receive waits for them)."""
         replies, waiting = [], set(ids)
         deadline = time.monotonic() + self.timeout_s
+        pause = 0.001
         while waiting and time.monotonic() < deadline:
             got = list(grid.pull_messages(list(waiting)))
             for reply in got:
                 waiting.discard(reply.metadata.reply_to_message_id)
             replies += got
-            if waiting:
-                time.sleep(0.002)
+            if waiting:  # polling backs off to 10 ms: the shards need the cores more than this loop
+                time.sleep(pause)
+                pause = 0.001 if got else min(pause * 1.5, 0.01)
         return replies
 
     def _nodes(self, grid: Grid) -> list[int]:
