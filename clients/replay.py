@@ -1,8 +1,8 @@
 """Replaying a window's events in time order: installs as they come due, each event's
 accounting, the device's signals, and the trigger's call.
 
-Events were scored beforehand (clients/scoring.py) with the models the devices held; here each
-device walks its events in order: a pending model is installed at the first event at or after
+Events went through the models the devices held beforehand (clients/scoring.py), and are
+ranked a few at a time as the walk reaches them; here each device walks its events in order: a pending model is installed at the first event at or after
 its install time; the event is counted; the signals a trigger reads are updated; the trigger
 decides. A device that sends a request stops there: it waits for the cloud's answer (the rest
 of its window is replayed in the next exchange, once the answer's install time is known).
@@ -15,7 +15,10 @@ import numpy as np
 from clients.scoring import Scored
 from clients.state import Devices, Fixed
 from clients.triggers import DeviceView, Trigger
-from fl_sim.devices.budget import device_budgets
+from fl_sim.devices.budget import budgets
+
+
+RANK_AHEAD = 16  # events ranked at a time per device: a request wastes at most this many rankings
 
 
 def install(st: Devices, j: int) -> None:
@@ -31,6 +34,8 @@ def replay(fx: Fixed, st: Devices, trigger: Trigger, active: np.ndarray, lo: np.
     """Walk every active device through its events lo:hi. Returns the devices that sent a
     request and the event (global index) each sent it at; st.pos moves past what was replayed."""
     acc, ema = st.acc, float(fx.cfg.sim.ema)
+    dcfg = fx.cfg.devices  # read once: a config lookup costs more than a step's arithmetic
+    shares = float(dcfg.latency_s), float(dcfg.memory_share), float(dcfg.compute_share)
     counts = (hi - lo)[active]
     going = np.ones(len(active), bool)
     sent_rows, sent_events = [], []
@@ -38,6 +43,10 @@ def replay(fx: Fixed, st: Devices, trigger: Trigger, active: np.ndarray, lo: np.
         sel = np.flatnonzero(going & (counts > k))
         if not len(sel):
             break
+        if k % RANK_AHEAD == 0:  # the next events of the devices still going (see Scored.rank)
+            n = np.minimum(counts[sel] - k, RANK_AHEAD)
+            first = np.repeat(sc.offset[sel] + k - np.cumsum(n) + n, n)
+            sc.rank(fx, first + np.arange(int(n.sum())))
         js, out = active[sel], sc.offset[sel] + k
         e = lo[js] + k
         for a in sel[sc.switch[sel] == e]:
@@ -66,7 +75,7 @@ def replay(fx: Fixed, st: Devices, trigger: Trigger, active: np.ndarray, lo: np.
         w = np.where(scored, np.maximum(ema, 1.0 / np.maximum(st.signal_n[js], 1)), 0.0)
         st.entropy[js] = (1 - w) * st.entropy[js] + w * sc.entropy[out]
         st.hit_rate[js] = (1 - w) * st.hit_rate[js] + w * sc.hit[out]
-        max_f, max_p = device_budgets(fx.fleet, fx.cfg.devices, g, t)
+        max_f, max_p = budgets(fx.fleet, g, t, *shares)
         acc["over_budget_events"][js] += scored & (sc.flops[out] > max_f)
         view = DeviceView(device=g, index=js, now=t, events_since_request=st.events_since[js],
                           sessions_since_request=st.sessions_since[js], new_session=new_session,

@@ -31,7 +31,9 @@ from fl_sim.training import left_pad
 @dataclass
 class Scored:
     """Per event replayed, grouped by device in the order of `active` (device a's events are
-    offset[a]:offset[a+1], in time order)."""
+    offset[a]:offset[a+1], in time order). An event's rank (ndcg, hit, entropy) is computed
+    when `rank` asks for it: a device that sends a request stops there, and the events after
+    it are scored again, with the models it then holds, when it resumes."""
 
     offset: np.ndarray
     ndcg: np.ndarray
@@ -44,6 +46,23 @@ class Scored:
     blocks: np.ndarray  # [n_ev, L] the held model's blocks
     user: np.ndarray  # [n_ev, d] float32 hidden state after the event (zeros without a model)
     switch: np.ndarray  # per active device: events before its pending model is installed (all: none)
+    before: np.ndarray  # [n_ev, d] float32 hidden state before the event (what ranks it)
+    row: np.ndarray  # the device's row, per event
+    event: np.ndarray  # the event's global index
+    model: np.ndarray  # object: the held model (its candidates rank the event), per event
+    ranked: np.ndarray  # bool: ndcg, hit and entropy computed
+
+    def rank(self, fx: Fixed, idx: np.ndarray) -> None:
+        """Rank events `idx` (output indices) that are scored and not ranked yet."""
+        idx = idx[self.scored[idx] & ~self.ranked[idx]]
+        if not len(idx):
+            return
+        rank, ent = rank_targets(fx, torch.from_numpy(self.before[idx]), self.row[idx], self.event[idx],
+                                 [m.candidates for m in self.model[idx]])
+        self.ndcg[idx] = np.where(rank < 10, 1.0 / np.log2(rank + 2.0), 0.0)
+        self.hit[idx] = rank < 10
+        self.entropy[idx] = ent
+        self.ranked[idx] = True
 
 
 @dataclass
@@ -73,10 +92,10 @@ def switch_points(fx: Fixed, st: Devices, active: np.ndarray, lo: np.ndarray, hi
 
 
 def score(fx: Fixed, st: Devices, active: np.ndarray, lo: np.ndarray, hi: np.ndarray,
-          cache: dict | None = None) -> Scored:
+          cache: dict | None = None, rank: bool = True) -> Scored:
     """Score events lo[j]:hi[j] of each active device j (state is read, not changed). `cache`
     (device row -> Context): chunks already passed are read from it, and what a pass computes
-    beyond a window is kept in it."""
+    beyond a window is kept in it. `rank` False: events are ranked when `Scored.rank` asks."""
     L, d = fx.model.backbone.n_blocks, fx.emb.shape[1]
     counts = (hi - lo)[active]
     offset = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
@@ -84,7 +103,9 @@ def score(fx: Fixed, st: Devices, active: np.ndarray, lo: np.ndarray, hi: np.nda
     out = Scored(offset=offset, ndcg=np.zeros(n_ev), hit=np.zeros(n_ev), entropy=np.zeros(n_ev),
                  scored=np.zeros(n_ev, bool), no_model=np.zeros(n_ev, bool), flops=np.zeros(n_ev),
                  params=np.zeros(n_ev), blocks=np.zeros((n_ev, L), bool), user=np.zeros((n_ev, d), np.float32),
-                 switch=switch_points(fx, st, active, lo, hi))
+                 switch=switch_points(fx, st, active, lo, hi), before=np.zeros((n_ev, d), np.float32),
+                 row=np.zeros(n_ev, np.int64), event=np.zeros(n_ev, np.int64),
+                 model=np.empty(n_ev, object), ranked=np.zeros(n_ev, bool))
     groups: dict = {}  # structure -> jobs (row, model, first event, end event, output index of first)
     cached: list = []  # jobs whose chunk is in the cache: (row, model, c0, c1, output index, Context)
     for a, j in enumerate(active):
@@ -114,10 +135,8 @@ def score(fx: Fixed, st: Devices, active: np.ndarray, lo: np.ndarray, hi: np.nda
     for j, _, _, c1, *_ in [*cached, *(job for jobs in groups.values() for job in jobs)]:
         latest[j] = max(latest.get(j, c1), c1)
     for jobs in groups.values():
-        # Similar lengths together: a batch pads to its longest sequence (padding changes no result).
-        jobs.sort(key=lambda job: (lambda c: c[1] - c[0])(_context(fx, job[0], job[2])))
-        for b0 in range(0, len(jobs), batch):
-            passed = _pass(fx, jobs[b0:b0 + batch])
+        for part in _batches(fx, jobs, batch):
+            passed = _pass(fx, part)
             _emit(fx, out, passed)
             if cache is not None:
                 _keep(cache, passed, latest)
@@ -127,7 +146,27 @@ def score(fx: Fixed, st: Devices, active: np.ndarray, lo: np.ndarray, hi: np.nda
     for j, _, _, c1, _, ctx in cached:  # a context read to its chunk's end has nothing more to give
         if c1 == latest[j] and c1 >= ctx.end and cache.get(j) is ctx:
             del cache[j]
+    if rank:
+        out.rank(fx, np.arange(n_ev))
     return out
+
+
+def _batches(fx: Fixed, jobs: list, batch: int) -> list[list]:
+    """The jobs of one structure in batches of at most `batch`, similar lengths together: a
+    batch pads every sequence to its longest (padding changes no result, but costs as much as
+    items), so a batch also ends where its padding would pass a tenth of its items, plus a few
+    hundred positions (measured: a pass of 4 sequences costs about what one of 128 does a
+    position)."""
+    lengths = np.array([(lambda c: c[1] - c[0])(_context(fx, job[0], job[2])) for job in jobs])
+    out, part, items = [], [], 0
+    for i in np.argsort(lengths, kind="stable").tolist():
+        width = int(lengths[i])  # ascending: the widest so far
+        if part and (len(part) == batch or width * (len(part) + 1) > 1.1 * (items + width) + 256):
+            out.append(part)
+            part, items = [], 0
+        part.append(jobs[i])
+        items += width
+    return out + [part] if part else out
 
 
 def _keep(cache: dict, passed: list, latest: dict) -> None:
@@ -186,8 +225,8 @@ def _pass(fx: Fixed, jobs: list) -> list:
 def _emit(fx: Fixed, out: Scored, jobs: list) -> None:
     """Write each job's events into `out` from its chunk's hidden states (`hidden[i]`: the state
     after global event pos0 + i): every event's user vector (the state after it), and for
-    events with something before them in the chunk, their rank under the state before it."""
-    users, o_all, before, o_sc, rows_sc, ev_sc, cand = [], [], [], [], [], [], []
+    events with something before them in the chunk, the state before it, which ranks it."""
+    users, o_all, before, o_sc, rows_sc, ev_sc, models, n_sc = [], [], [], [], [], [], [], []
     for j, model, c0, c1, o, hidden, pos0 in jobs:
         users.append(hidden[c0 - pos0:c1 - pos0])
         o_all.append(np.arange(o, o + c1 - c0))
@@ -198,7 +237,8 @@ def _emit(fx: Fixed, out: Scored, jobs: list) -> None:
             o_sc.append(np.arange(o + s0 - c0, o + c1 - c0))
             rows_sc.append(np.full(c1 - s0, j))
             ev_sc.append(np.arange(s0, c1))
-            cand += [model.candidates] * (c1 - s0)
+            models.append(model)
+            n_sc.append(c1 - s0)
     o_all = np.concatenate(o_all)
     out.user[o_all] = torch.cat(users).numpy()
     blocks = out.blocks[o_all]
@@ -206,11 +246,13 @@ def _emit(fx: Fixed, out: Scored, jobs: list) -> None:
     out.params[o_all] = fx.base_params + blocks @ fx.block_params
     if not o_sc:
         return
-    rank, ent = rank_targets(fx, torch.cat(before), np.concatenate(rows_sc), np.concatenate(ev_sc), cand)
     o_sc = np.concatenate(o_sc)
-    out.ndcg[o_sc] = np.where(rank < 10, 1.0 / np.log2(rank + 2.0), 0.0)
-    out.hit[o_sc] = rank < 10
-    out.entropy[o_sc] = ent
+    out.before[o_sc] = torch.cat(before).numpy()
+    out.row[o_sc] = np.concatenate(rows_sc)
+    out.event[o_sc] = np.concatenate(ev_sc)
+    held = np.empty(len(models), object)
+    held[:] = models
+    out.model[o_sc] = np.repeat(held, n_sc)
     out.scored[o_sc] = True
 
 

@@ -109,7 +109,7 @@ class Shard:
             if len(active):
                 lo = st.pos.copy()
                 clock.lap("replay")
-                sc = score(fx, st, active, lo, st.hi, self.contexts)
+                sc = score(fx, st, active, lo, st.hi, self.contexts, rank=False)
                 clock.lap("score")
                 rows, events = replay(fx, st, self.trigger, active, lo, st.hi, sc)
                 clock.lap("replay")

@@ -27,7 +27,8 @@ def test_summary_contract_and_accounting(baseline):
     steps = t["shard_steps_summed"]
     assert set(steps) == {"receive", "score", "replay", "request"} and min(steps.values()) >= 0
     assert t["cloud"] > 0 and steps["score"] > 0 and t["transport_and_loop"] >= 0
-    assert t["cloud"] + t["shards"] + t["transport_and_loop"] == pytest.approx(t["simulation"])
+    assert t["cloud"] + t["shards"] + t["transport_and_loop"] == pytest.approx(t["rounds"])
+    assert t["engine"] >= 0 and t["engine"] + t["rounds"] == pytest.approx(t["simulation"])
     assert t["simulation"] == summary["sim_wall_s"] and t["simulation"] < summary["wall_s"]
 
 
@@ -271,6 +272,53 @@ def test_windows_read_from_the_context_cache_score_as_one_pass(cache, monkeypatc
         assert np.allclose(got["ndcg"], whole.ndcg) and np.allclose(got["user"], whole.user, atol=1e-5)
         assert np.allclose(got["entropy"], whole.entropy, atol=1e-5)
     assert whole.scored.sum() > 500 and n_cached < 0.6 * n_plain, (n_cached, n_plain)
+
+
+def test_events_ranked_when_asked_equal_those_ranked_at_once(cache, monkeypatch, tmp_path):
+    """A shard ranks a window's events as its replay reaches them (a device that asks the cloud
+    stops there): ranking them piece by piece, in any order, gives the numbers one ranking of
+    them all gives, and an event not asked for is left unranked. The scorer's batches keep
+    their padding within a tenth of their items plus 256 positions."""
+    import sys
+
+    import numpy as np
+
+    import clients.scoring as scoring
+    from helpers import ROOT
+
+    monkeypatch.setenv("FL_SIM_CACHE", str(cache))
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from floor import deployed, run_files
+
+    fx, st = deployed(str(run_files(SMALL, tmp_path / "run")))
+    rows = np.arange(len(fx.devices))
+    lo, hi = fx.s.split[fx.devices].copy(), fx.s.indptr[fx.devices + 1].copy()
+    batches = []
+    real_batches = scoring._batches
+    monkeypatch.setattr(scoring, "_batches", lambda fx, jobs, b: batches.append(real_batches(fx, jobs, b)) or batches[-1])
+    at_once = scoring.score(fx, st, rows, lo, hi)
+    parts = [part for group in batches for part in group]  # this call's batches
+    asked = scoring.score(fx, st, rows, lo, hi, rank=False)
+    assert not asked.ranked.any() and not asked.ndcg.any() and asked.scored.sum() > 500
+    order = np.random.default_rng(0).permutation(len(asked.scored))
+    half = order[:len(order) // 2]
+    asked.rank(fx, half)
+    assert (asked.ranked == np.isin(np.arange(len(order)), half) & asked.scored).all()
+    assert not asked.ndcg[~asked.ranked].any() and not asked.entropy[~asked.ranked].any()
+    for piece in np.array_split(order[len(order) // 2:], 7):
+        asked.rank(fx, piece)
+    assert (asked.ranked == at_once.scored).all() and (asked.hit == at_once.hit).all()
+    assert np.allclose(asked.ndcg, at_once.ndcg) and np.allclose(asked.entropy, at_once.entropy, atol=1e-5)
+    jobs = [job for part in parts for job in part]  # every chunk passed once
+    assert len(jobs) == len({(j, c0) for j, _, c0, _, _ in jobs}) > 50
+    for size in (fx.cfg.sim.batch, 8):
+        parts = real_batches(fx, jobs, size)
+        assert sorted(id(job) for part in parts for job in part) == sorted(map(id, jobs))
+        assert len(parts) >= len(jobs) / size
+        for part in parts:
+            widths = [(lambda c: c[1] - c[0])(scoring._context(fx, j, c0)) for j, _, c0, _, _ in part]
+            assert 0 < len(part) <= size
+            assert len(part) * max(widths) - sum(widths) <= 0.1 * sum(widths) + 256
 
 
 def test_history_users_are_each_devices_own_pass_cached_with_the_model(tmp_path):
