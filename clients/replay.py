@@ -2,10 +2,11 @@
 accounting, the device's signals, and the trigger's call.
 
 Events went through the models the devices held beforehand (clients/scoring.py), and are
-ranked a few at a time as the walk reaches them; here each device walks its events in order: a pending model is installed at the first event at or after
-its install time; the event is counted; the signals a trigger reads are updated; the trigger
-decides. A device that sends a request stops there: it waits for the cloud's answer (the rest
-of its window is replayed in the next exchange, once the answer's install time is known).
+ranked a few at a time as the walk reaches them; here each device walks its events in order:
+a pending model is installed at the first event at or after its install time; the event is
+counted; the signals a trigger reads are updated; the trigger decides. A device that sends a
+request stops there: it waits for the cloud's answer (the rest of its window is replayed in
+the next exchange, once the answer's install time is known).
 """
 
 from __future__ import annotations

@@ -211,8 +211,8 @@ class RayFlower:
     def post(self, tick: int, round_: int, k: int, window: tuple | None, per_shard: list | None) -> None:
         """Each shard's job for the ClientApp's message number `tick`, posted without waiting
         (see ShardActor.post); window None: no exchange for this tick (the warm-up tick before
-        the first, or the run is over). An injected node loss wipes the shard's state instead (its ClientApp
-        fails the exchange)."""
+        the first, or the run is over). An injected node loss wipes the shard's state instead
+        (its ClientApp fails the exchange)."""
         for s, a in enumerate(self.actors):
             if window is None:
                 a.post.remote(tick, {"stop": True})

@@ -295,7 +295,8 @@ def test_events_ranked_when_asked_equal_those_ranked_at_once(cache, monkeypatch,
     lo, hi = fx.s.split[fx.devices].copy(), fx.s.indptr[fx.devices + 1].copy()
     batches = []
     real_batches = scoring._batches
-    monkeypatch.setattr(scoring, "_batches", lambda fx, jobs, b: batches.append(real_batches(fx, jobs, b)) or batches[-1])
+    monkeypatch.setattr(scoring, "_batches",
+                        lambda fx, jobs, b: batches.append(real_batches(fx, jobs, b)) or batches[-1])
     at_once = scoring.score(fx, st, rows, lo, hi)
     parts = [part for group in batches for part in group]  # this call's batches
     asked = scoring.score(fx, st, rows, lo, hi, rank=False)
