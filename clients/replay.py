@@ -16,7 +16,7 @@ import numpy as np
 from clients.scoring import Scored
 from clients.state import Devices, Fixed
 from clients.triggers import DeviceView, Trigger
-from fl_sim.devices.budget import budgets
+from fl_sim.devices.budget import budgets, shares
 
 
 RANK_AHEAD = 16  # events ranked at a time per device: a request wastes at most this many rankings
@@ -35,8 +35,7 @@ def replay(fx: Fixed, st: Devices, trigger: Trigger, active: np.ndarray, lo: np.
     """Walk every active device through its events lo:hi. Returns the devices that sent a
     request and the event (global index) each sent it at; st.pos moves past what was replayed."""
     acc, ema = st.acc, float(fx.cfg.sim.ema)
-    dcfg = fx.cfg.devices  # read once: a config lookup costs more than a step's arithmetic
-    shares = float(dcfg.latency_s), float(dcfg.memory_share), float(dcfg.compute_share)
+    budget_terms = shares(fx.cfg.devices)
     counts = (hi - lo)[active]
     going = np.ones(len(active), bool)
     sent_rows, sent_events = [], []
@@ -76,7 +75,7 @@ def replay(fx: Fixed, st: Devices, trigger: Trigger, active: np.ndarray, lo: np.
         w = np.where(scored, np.maximum(ema, 1.0 / np.maximum(st.signal_n[js], 1)), 0.0)
         st.entropy[js] = (1 - w) * st.entropy[js] + w * sc.entropy[out]
         st.hit_rate[js] = (1 - w) * st.hit_rate[js] + w * sc.hit[out]
-        max_f, max_p = budgets(fx.fleet, g, t, *shares)
+        max_f, max_p = budgets(fx.fleet, g, t, *budget_terms)
         acc["over_budget_events"][js] += scored & (sc.flops[out] > max_f)
         view = DeviceView(device=g, index=js, now=t, events_since_request=st.events_since[js],
                           sessions_since_request=st.sessions_since[js], new_session=new_session,

@@ -276,7 +276,7 @@ def write_results(cfg, out: Path, rec: Recorder, s: runfiles.Streams, shifts: pd
     return summary
 
 
-def time_breakdown(rounds: pd.DataFrame, sim_wall: float, loop_s: float | None, parallel: bool) -> dict:
+def time_breakdown(rounds: pd.DataFrame, sim_wall: float, loop_s: float, parallel: bool) -> dict:
     """Where the simulation's wall time went: the backend's engine (on Ray, Flower's simulation
     engine starting, its ClientApp workers starting, and stopping after the last reply: a fixed
     cost, whatever the fleet's size), and the round loop (`rounds`), split into the cloud
@@ -287,9 +287,8 @@ def time_breakdown(rounds: pd.DataFrame, sim_wall: float, loop_s: float | None, 
     replay: walking events and triggers; request: building requests)."""
     total = {k: float(rounds[k].sum()) if k in rounds else 0.0 for k in TIMES}
     shards = total["time_shard_slowest"] if parallel else sum(total[k] for k in SHARD_TIMES)
-    loop = sim_wall if loop_s is None else loop_s
-    return {"simulation": sim_wall, "engine": sim_wall - loop, "rounds": loop, "cloud": total["time_cloud"],
-            "shards": shards, "transport_and_loop": loop - total["time_cloud"] - shards,
+    return {"simulation": sim_wall, "engine": sim_wall - loop_s, "rounds": loop_s, "cloud": total["time_cloud"],
+            "shards": shards, "transport_and_loop": loop_s - total["time_cloud"] - shards,
             "shard_steps_summed": {k.removeprefix("time_"): total[k] for k in SHARD_TIMES}}
 
 

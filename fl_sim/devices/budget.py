@@ -21,6 +21,12 @@ def budgets(fleet: Fleet, dev: np.ndarray, t, latency_s: float, memory_share: fl
     return max_flops, max_params
 
 
+def shares(dcfg) -> tuple[float, float, float]:
+    """budgets()' latency target and shares from the fleet's config (conf/devices), read once by
+    a caller in a loop: a config lookup costs more than a step's arithmetic."""
+    return float(dcfg.latency_s), float(dcfg.memory_share), float(dcfg.compute_share)
+
+
 def device_budgets(fleet: Fleet, dcfg, dev: np.ndarray, t) -> tuple[np.ndarray, np.ndarray]:
     """budgets() with the shares and the latency target of the fleet's config (conf/devices)."""
-    return budgets(fleet, dev, t, float(dcfg.latency_s), float(dcfg.memory_share), float(dcfg.compute_share))
+    return budgets(fleet, dev, t, *shares(dcfg))
