@@ -85,8 +85,7 @@ def scale(result: dict, runs: dict, cache: str, sizes: list[int], n_runs: int, r
                 if k in old:
                     row[k] = old[k]
             if "floor" in row:
-                row["simulation_over_floor"] = round(row["sim_wall_s"] / row["floor"]["floor_s"], 2)
-                row["simulation_over_floor_versions"] = round(row["sim_wall_s"] / row["floor"]["floor_versions_s"], 2)
+                row.update(ratios(row["sim_wall_s"], mid["time_s"]["rounds"], row["floor"]))
         rows[str(n)] = row
     if rows_only:
         return
@@ -113,10 +112,15 @@ def floors(result: dict, runs: dict, cache: str, sizes: list[int]) -> None:
         # The ratio is the run of this sitting over its floor: a row measured on another day
         # (another model, another load on the machine) is not compared with it.
         row["floor_run"] = {k: mid[k] for k in ("process_wall_s", "sim_wall_s", "peak_rss_mb", "ndcg10", "time_s")}
-        row["simulation_over_floor"] = round(mid["sim_wall_s"] / fl["floor_s"], 2)
-        row["simulation_over_floor_versions"] = round(mid["sim_wall_s"] / fl["floor_versions_s"], 2)
-        # The same without the engine's fixed start and stop (time_s: engine, rounds).
-        row["rounds_over_floor_versions"] = round(mid["time_s"]["rounds"] / fl["floor_versions_s"], 2)
+        row.update(ratios(mid["sim_wall_s"], mid["time_s"]["rounds"], fl))
+
+
+def ratios(sim_wall_s: float, rounds_s: float, floor: dict) -> dict:
+    """A run's simulation time over the floor (deployment models only; one pass per model
+    version), and its round loop alone (without the engine's fixed start and stop) over the latter."""
+    return {"simulation_over_floor": round(sim_wall_s / floor["floor_s"], 2),
+            "simulation_over_floor_versions": round(sim_wall_s / floor["floor_versions_s"], 2),
+            "rounds_over_floor_versions": round(rounds_s / floor["floor_versions_s"], 2)}
 
 
 def checkpoints(result: dict, runs: dict, cache: str, n: int) -> None:
