@@ -19,7 +19,8 @@ Cases (5,000 devices and the default config unless named):
   rows       the rows of `scale` alone (no checkpoint run, no floor); a row keeps its earlier
              floor when its results are unchanged
   checkpoints  the checkpoint run of `scale` alone (pre-training cached at the largest size)
-  floor      the floors of `scale` alone, each against one new run of the default command
+  floor      the floors of `scale` alone, each against new runs of the default command (--pairs:
+             how many, alternating run and floor; medians of the ratios)
 Writes benchmarks/results/fleet.json: every run and the median per case. --cache DIR reuses the
 pre-trained models cached there (default: a fresh directory; pre-training is never timed in the
 cached cases).
@@ -93,34 +94,49 @@ def scale(result: dict, runs: dict, cache: str, sizes: list[int], n_runs: int, r
     floors(result, runs, cache, sizes)
 
 
-def floors(result: dict, runs: dict, cache: str, sizes: list[int]) -> None:
+def floors(result: dict, runs: dict, cache: str, sizes: list[int], pairs: int = 1) -> None:
     """The compute floor at 5,000 devices and the largest size (pre-training cached there):
     with the deployment models only, and with one pass per model version of a run of the
-    default command (its installs.parquet); that run's simulation wall time over each."""
+    default command (its installs.parquet), in one process on the machine's threads and split
+    over the run's shards as one-thread processes; that run's simulation wall time over each.
+    `pairs`: that many runs, each followed by its floor; the row keeps every pair and the
+    medians of their ratios (the machine's speed varies within an hour)."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from floor import measure
 
     os.environ["FL_SIM_CACHE"] = cache  # the floor reads the same cached pre-training
     rows = result.setdefault("scale", {})
     for n in sorted({5000, max(sizes)} & set(sizes)):
-        mid = run([f"num_clients={n}"], cache)  # its model versions (the runs above gave the same)
-        runs[f"scale_ray_{n}_for_floor"] = [mid]
-        fl = measure([f"num_clients={n}"], check=n <= 5000, run_output=mid["output_dir"])
-        print(json.dumps(fl), flush=True)
+        samples = []
+        for i in range(pairs):
+            mid = run([f"num_clients={n}"], cache)  # its model versions (the runs above gave the same)
+            runs.setdefault(f"scale_ray_{n}_for_floor", []).append(mid)
+            fl = measure([f"num_clients={n}"], check=n <= 5000 and i == 0, run_output=mid["output_dir"],
+                         processes=int(mid["nodes"]))
+            print(json.dumps(fl), flush=True)
+            # The ratio is a run of this sitting over its floor: a row measured on another day
+            # (another model, another load on the machine) is not compared with it.
+            samples.append({"floor": fl, "floor_run": {k: mid[k] for k in ("process_wall_s", "sim_wall_s", "peak_rss_mb",
+                                                                            "ndcg10", "time_s")},
+                            **ratios(mid["sim_wall_s"], mid["time_s"]["rounds"], fl)})
         row = rows.setdefault(str(n), {})
-        row["floor"] = fl
-        # The ratio is the run of this sitting over its floor: a row measured on another day
-        # (another model, another load on the machine) is not compared with it.
-        row["floor_run"] = {k: mid[k] for k in ("process_wall_s", "sim_wall_s", "peak_rss_mb", "ndcg10", "time_s")}
-        row.update(ratios(mid["sim_wall_s"], mid["time_s"]["rounds"], fl))
+        mid_pair = sorted(samples, key=lambda x: x["rounds_over_floor_versions"])[len(samples) // 2]
+        row["floor"], row["floor_run"] = mid_pair["floor"], mid_pair["floor_run"]
+        row.update({k: round(statistics.median(x[k] for x in samples), 2) for k in samples[0] if "_over_" in k})
+        row["floor_pairs"] = samples
 
 
 def ratios(sim_wall_s: float, rounds_s: float, floor: dict) -> dict:
     """A run's simulation time over the floor (deployment models only; one pass per model
-    version), and its round loop alone (without the engine's fixed start and stop) over the latter."""
-    return {"simulation_over_floor": round(sim_wall_s / floor["floor_s"], 2),
-            "simulation_over_floor_versions": round(sim_wall_s / floor["floor_versions_s"], 2),
-            "rounds_over_floor_versions": round(rounds_s / floor["floor_versions_s"], 2)}
+    version), and its round loop alone (without the engine's fixed start and stop) over the
+    latter; `_parallel`: over the floor split as the run's shards (one-thread processes)."""
+    out = {"simulation_over_floor": round(sim_wall_s / floor["floor_s"], 2),
+           "simulation_over_floor_versions": round(sim_wall_s / floor["floor_versions_s"], 2),
+           "rounds_over_floor_versions": round(rounds_s / floor["floor_versions_s"], 2)}
+    if "parallel" in floor:
+        out["simulation_over_floor_versions_parallel"] = round(sim_wall_s / floor["parallel"]["floor_versions_s"], 2)
+        out["rounds_over_floor_versions_parallel"] = round(rounds_s / floor["parallel"]["floor_versions_s"], 2)
+    return out
 
 
 def checkpoints(result: dict, runs: dict, cache: str, n: int) -> None:
@@ -140,6 +156,7 @@ def main() -> None:
     parser.add_argument("--cases", default="cold,warm,scaling")
     parser.add_argument("--cache", help="cache directory to reuse (default: a fresh one)")
     parser.add_argument("--sizes", default="1000,5000,20000,100000", help="scale: fleet sizes")
+    parser.add_argument("--pairs", type=int, default=1, help="floor: runs each followed by its floor, per size")
     opts = parser.parse_args()
     cases = opts.cases.split(",")
     path = ROOT / "benchmarks/results/fleet.json"
@@ -175,7 +192,7 @@ def main() -> None:
         if "checkpoints" in cases:
             checkpoints(result, runs, warm_cache, max(sizes))
         if "floor" in cases:
-            floors(result, runs, warm_cache, sizes)
+            floors(result, runs, warm_cache, sizes, opts.pairs)
     result["median"] = {case: {k: median(rows, k) for k in ("process_wall_s", "wall_s", "sim_wall_s", "peak_rss_mb")}
                         for case, rows in runs.items()}
     path.write_text(json.dumps(result, indent=2) + "\n")

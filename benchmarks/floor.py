@@ -1,7 +1,7 @@
 """The compute floor of a fleet run: its stream events scored in plain batched passes, with no
 simulation around them (no rounds, replay, triggers, cloud, transport).
 
-    python benchmarks/floor.py num_clients=5000 [--check] [--run=OUTPUT_DIR] [more fl_sim.run overrides]
+    python benchmarks/floor.py num_clients=5000 [--check] [--run=OUTPUT_DIR] [--processes=2] [more fl_sim.run overrides]
 
 Every device gets its deployment model, as in a run's first round (its first request, the
 cloud's answer, installed). Then every real-time event is scored once with that model: each
@@ -17,13 +17,17 @@ that the floor computes the right thing, the same events are also scored through
 simulator's own scorer (clients.scoring.score) with the same models (`--check`): NDCG@10
 must agree. With `--run=DIR` (a finished run of the same overrides), also the floor that
 scores each chunk once per model version the run installed (its installs.parquet): what the
-run must compute at the least, as a device's model changes. Prints JSON: floor seconds,
-events, ms per event, NDCG@10.
+run must compute at the least, as a device's model changes. With `--processes=N`, also both
+floors split over N one-thread processes running at once, the devices dealt as a run deals
+them to its N shards (the floor in the shape of the run; the slowest part's seconds). Prints
+JSON: floor seconds, events, ms per event, NDCG@10.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -58,9 +62,9 @@ def run_files(overrides: list[str], folder: Path) -> Path:
     return folder
 
 
-def deployed(run_dir: str):
-    """One shard holding every device, each with its deployment model installed."""
-    fx = load_fixed(run_dir, 0, 1)
+def deployed(run_dir: str, shard: int = 0, shards: int = 1):
+    """A shard (by default one holding every device), each device with its deployment model installed."""
+    fx = load_fixed(run_dir, shard, shards)
     st = Devices.new(fx)
     rows = np.arange(len(fx.devices))
     t0 = float(np.min(fx.s.ts[fx.s.split[fx.s.split < fx.s.indptr[1:]]]))
@@ -124,25 +128,32 @@ def floor(fx, st, installs: dict | None = None) -> tuple[float, np.ndarray, np.n
     return seconds, np.concatenate(events), np.concatenate(ndcg), np.concatenate(entropy)
 
 
-def measure(overrides: list[str], check: bool = False, run_output: str | None = None) -> dict:
+def read_installs(run_output: str) -> tuple[dict, int]:
+    """(device -> the times a finished run installed a new model, installs in all)."""
+    import pandas as pd
+
+    inst = pd.read_parquet(Path(run_output) / "installs.parquet")
+    return {int(d): np.sort(g["install_time"].to_numpy()) for d, g in inst.groupby("device")}, len(inst)
+
+
+def measure(overrides: list[str], check: bool = False, run_output: str | None = None, processes: int = 1) -> dict:
     """The floor for a run with these overrides; `check`: also score the same events through
     the simulator's scorer in one call and report both NDCG@10s (they must agree);
     `run_output`: a finished run's folder (same overrides), whose installs.parquet gives the
-    model versions: then also the floor with one pass per version (`floor_versions_s`)."""
+    model versions: then also the floor with one pass per version (`floor_versions_s`).
+    `processes` > 1: also the same floors split as a run splits its devices over that many
+    one-thread shard processes, running at once (`parallel`: the slowest part's seconds)."""
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = str(run_files(overrides, Path(tmp)))
         fx, st = deployed(run_dir)
         seconds, events, ndcg, _ = floor(fx, st)
         out = {"overrides": overrides, "devices": int(len(fx.devices)), "events_ranked": int(len(events)),
                "floor_s": round(seconds, 3), "ms_per_event": 1000 * seconds / max(len(events), 1),
-               "ndcg10_floor": float(ndcg.mean())}
+               "ndcg10_floor": float(ndcg.mean()), "threads": torch.get_num_threads()}
         if run_output is not None:
-            import pandas as pd
-
-            inst = pd.read_parquet(Path(run_output) / "installs.parquet")
-            installs = {int(d): np.sort(g["install_time"].to_numpy()) for d, g in inst.groupby("device")}
+            installs, n_installs = read_installs(run_output)
             seconds_v, events_v, _, _ = floor(fx, st, installs)
-            out.update({"floor_versions_s": round(seconds_v, 3), "installs": int(len(inst)),
+            out.update({"floor_versions_s": round(seconds_v, 3), "installs": n_installs,
                         "events_ranked_versions": int(len(events_v))})
         if check:
             rows = np.arange(len(fx.devices))
@@ -152,14 +163,68 @@ def measure(overrides: list[str], check: bool = False, run_output: str | None = 
             out.update({"scorer_one_call_s": round(time.perf_counter() - start, 3),
                         "events_ranked_scorer": int(sc.scored.sum()),
                         "ndcg10_scorer": float(sc.ndcg[sc.scored].mean())})
+        if processes > 1:
+            del fx, st  # (the parts load their own)
+            out["parallel"] = in_parts(run_dir, processes, run_output)
+            if out["parallel"]["events_ranked"] != out["events_ranked"]:
+                raise SystemExit(f"the parts ranked {out['parallel']['events_ranked']} events, "
+                                 f"one process {out['events_ranked']}")
     return out
+
+
+def in_parts(run_dir: str, n: int, run_output: str | None) -> dict:
+    """The floors over n one-thread processes, device g in part g % n (as a run's shards), each
+    timed section started in all parts at once: {floor_s, floor_versions_s: the slowest part's,
+    parts: each part's}."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, __file__, "--part", run_dir, str(i), str(n), run_output or ""],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env) for i in range(n)]
+    sections = 2 if run_output else 1
+    for _ in range(sections):  # a barrier before each timed section
+        for p in procs:
+            line = p.stdout.readline()
+            if line.strip() != "ready":
+                raise SystemExit(f"floor part failed before its timed section (said {line!r})")
+        for p in procs:
+            p.stdin.write("go\n")
+            p.stdin.flush()
+    parts = [json.loads(p.communicate()[0]) for p in procs]
+    if any(p.returncode for p in procs):
+        raise SystemExit("a floor part failed")
+    out = {"processes": n, "threads_each": 1, "floor_s": max(p["floor_s"] for p in parts), "parts": parts}
+    if run_output:
+        out["floor_versions_s"] = max(p["floor_versions_s"] for p in parts)
+    out["events_ranked"] = sum(p["events_ranked"] for p in parts)
+    return out
+
+
+def part(run_dir: str, shard: int, n: int, run_output: str) -> None:
+    """One part of `in_parts`: waits for "go" on stdin before each timed section."""
+    torch.set_num_threads(1)
+    fx, st = deployed(run_dir, shard, n)
+    installs = read_installs(run_output)[0] if run_output else None
+
+    def timed(inst):
+        print("ready", flush=True)
+        sys.stdin.readline()
+        seconds, events, _, _ = floor(fx, st, inst)
+        return round(seconds, 3), int(len(events))
+
+    out = dict(zip(("floor_s", "events_ranked"), timed(None)))
+    if installs is not None:
+        out["floor_versions_s"] = timed(installs)[0]
+    print(json.dumps({"shard": shard, **out}), flush=True)
 
 
 def main() -> None:
     args = sys.argv[1:]
+    if args[:1] == ["--part"]:
+        run_dir, shard, n, run_output = args[1:5]
+        return part(run_dir, int(shard), int(n), run_output)
     run_output = next((a.split("=", 1)[1] for a in args if a.startswith("--run=")), None)
-    overrides = [a for a in args if a != "--check" and not a.startswith("--run=")]
-    print(json.dumps(measure(overrides, check="--check" in args, run_output=run_output)))
+    processes = int(next((a.split("=", 1)[1] for a in args if a.startswith("--processes=")), 1))
+    overrides = [a for a in args if a != "--check" and not a.startswith(("--run=", "--processes="))]
+    print(json.dumps(measure(overrides, check="--check" in args, run_output=run_output, processes=processes)))
 
 
 if __name__ == "__main__":
