@@ -166,9 +166,10 @@ def measure(overrides: list[str], check: bool = False, run_output: str | None = 
         if processes > 1:
             del fx, st  # (the parts load their own)
             out["parallel"] = in_parts(run_dir, processes, run_output)
-            if out["parallel"]["events_ranked"] != out["events_ranked"]:
-                raise SystemExit(f"the parts ranked {out['parallel']['events_ranked']} events, "
-                                 f"one process {out['events_ranked']}")
+            par = out["parallel"]
+            if par["events_ranked"] != out["events_ranked"] or not np.isclose(par["ndcg10"], out["ndcg10_floor"]):
+                raise SystemExit(f"the parts ranked {par['events_ranked']} events at NDCG@10 {par['ndcg10']}, "
+                                 f"one process {out['events_ranked']} at {out['ndcg10_floor']}")
     return out
 
 
@@ -195,6 +196,7 @@ def in_parts(run_dir: str, n: int, run_output: str | None) -> dict:
     if run_output:
         out["floor_versions_s"] = max(p["floor_versions_s"] for p in parts)
     out["events_ranked"] = sum(p["events_ranked"] for p in parts)
+    out["ndcg10"] = sum(p["ndcg10_sum"] for p in parts) / max(out["events_ranked"], 1)
     return out
 
 
@@ -207,10 +209,10 @@ def part(run_dir: str, shard: int, n: int, run_output: str) -> None:
     def timed(inst):
         print("ready", flush=True)
         sys.stdin.readline()
-        seconds, events, _, _ = floor(fx, st, inst)
-        return round(seconds, 3), int(len(events))
+        seconds, events, ndcg, _ = floor(fx, st, inst)
+        return round(seconds, 3), int(len(events)), float(ndcg.sum())
 
-    out = dict(zip(("floor_s", "events_ranked"), timed(None)))
+    out = dict(zip(("floor_s", "events_ranked", "ndcg10_sum"), timed(None)))
     if installs is not None:
         out["floor_versions_s"] = timed(installs)[0]
     print(json.dumps({"shard": shard, **out}), flush=True)

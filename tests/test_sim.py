@@ -228,6 +228,33 @@ def test_the_scorer_agrees_with_a_plain_batched_pass(cache, monkeypatch, tmp_pat
     assert np.allclose(ndcg_v[order_v], ndcg[order]) and np.allclose(entropy_v[order_v], entropy[order], atol=1e-5)
 
 
+def test_the_floor_split_as_the_shards_scores_each_part_s_own_events(cache, monkeypatch, tmp_path):
+    """benchmarks/floor.py --processes=2: two one-thread processes, device g in part g % 2 as a
+    run deals devices to its shards, score between them exactly the events one process scores,
+    each part its own devices' events, with the same NDCG@10."""
+    import sys
+
+    import numpy as np
+
+    from helpers import ROOT
+
+    monkeypatch.setenv("FL_SIM_CACHE", str(cache))
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from floor import deployed, floor, measure, run_files
+
+    out = measure(SMALL, processes=2)
+    parts = out["parallel"]["parts"]
+    fx, st = deployed(str(run_files(SMALL, tmp_path / "run")))
+    _, events, ndcg, _ = floor(fx, st)
+    device = np.searchsorted(fx.s.indptr, events, side="right") - 1
+    assert [p["shard"] for p in parts] == [0, 1] and out["events_ranked"] == len(events) > 500
+    for i, p in enumerate(parts):
+        mine = device % 2 == i
+        assert p["events_ranked"] == mine.sum() > 0
+        assert np.isclose(p["ndcg10_sum"], ndcg[mine].sum())
+    assert out["parallel"]["floor_s"] == max(p["floor_s"] for p in parts)
+
+
 def test_windows_read_from_the_context_cache_score_as_one_pass(cache, monkeypatch, tmp_path):
     """Scoring a device's stream window by window with the context cache (later windows of a
     chunk read the states an earlier pass computed) gives what one call over the whole stream
