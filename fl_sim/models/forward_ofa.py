@@ -19,8 +19,18 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence
 
 from fl_sim.models.blocks import Block, LowRank
+
+
+def _sequence(recent: torch.Tensor, lengths: Optional[torch.Tensor]):
+    """What a GRU reads: the embeddings as given, or, with `lengths`, right-padded rows cut at
+    their lengths (packed: each row's last state is the one after its own last item, whatever
+    the others' lengths, so rows of different lengths share one call)."""
+    if lengths is None:
+        return recent
+    return pack_padded_sequence(recent, lengths, batch_first=True, enforce_sorted=False)
 
 
 class Controller(nn.Module):
@@ -30,8 +40,8 @@ class Controller(nn.Module):
         self.head = nn.Linear(hidden, 2 * n_blocks)
         self.n_blocks = n_blocks
 
-    def forward(self, recent: torch.Tensor) -> torch.Tensor:
-        _, last = self.gru(recent)
+    def forward(self, recent: torch.Tensor, lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
+        _, last = self.gru(_sequence(recent, lengths))
         return F.log_softmax(self.head(last[-1]).view(-1, self.n_blocks, 2), dim=-1)
 
 
@@ -60,11 +70,12 @@ class Extractor(nn.Module):
         self.gru = nn.GRU(d, hidden, batch_first=True)
         self.init = nn.Linear(2 * n_blocks, hidden) if structural else None
 
-    def forward(self, recent: torch.Tensor, beta: Optional[torch.Tensor]) -> torch.Tensor:
+    def forward(self, recent: torch.Tensor, beta: Optional[torch.Tensor],
+                lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
         h0 = None
         if self.init is not None:
             h0 = torch.tanh(self.init(F.softmax(beta, -1).flatten(1))).unsqueeze(0).contiguous()
-        _, last = self.gru(recent, h0)
+        _, last = self.gru(_sequence(recent, lengths), h0)
         return last[-1]
 
 

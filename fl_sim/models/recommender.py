@@ -89,14 +89,16 @@ class Recommender(nn.Module):
             gate.scatter_(1, idx, 1.0)
         return gate
 
-    def encode(self, recent: torch.Tensor, generator: Optional[torch.Generator] = None):
-        """Device: from recent items [B,W] (left-padded ids) to (beta, gate, h).
+    def encode(self, recent: torch.Tensor, generator: Optional[torch.Generator] = None,
+               lengths: Optional[torch.Tensor] = None):
+        """Device: from recent items [B,W] (left-padded ids; with `lengths`, right-padded rows
+        read up to their lengths, padding never read) to (beta, gate, h).
 
         beta is None for fixed structures; the fixed gate then conditions E' instead.
         """
         emb = self.backbone.item_emb(recent)
         if self.controller is not None:
-            beta = self.controller(emb)
+            beta = self.controller(emb, lengths)
             gate = gumbel_gate(beta, self.spec.tau) if self.training else argmax_gate(beta)
         else:
             gate = self.fixed_gate(recent.shape[0], generator).to(emb.device)
@@ -104,7 +106,7 @@ class Recommender(nn.Module):
         h = None
         if self.extractor is not None:
             struct = beta if beta is not None else torch.log(torch.stack([gate, 1 - gate], -1).clamp_min(1e-4))
-            h = self.extractor(emb, struct)
+            h = self.extractor(emb, struct, lengths)
         return beta, gate, h
 
     # ---- cloud side --------------------------------------------------------------------
