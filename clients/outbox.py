@@ -22,10 +22,9 @@ from fl_sim.devices.budget import device_budgets
 from fl_sim.models import cost
 from fl_sim.models.finetune import finetune_blocks
 from fl_sim.protocol import ID_BYTES, Requests
-from fl_sim.training import left_pad
+from fl_sim.training import encode_each, left_pad
 
 FLOAT_BYTES = 4
-_CHUNK = 4096  # requests encoded in one call at most
 _NOISE = 210  # counter_rng streams of the upload defence (210: devices, 211: the attacker's training uploads)
 
 
@@ -117,34 +116,7 @@ def _encode(model, recent: list, g: np.ndarray, ends: np.ndarray, seed: int):
         gate = torch.cat([p[1] for p in parts])
         h = torch.cat([p[2] for p in parts]) if parts[0][2] is not None else None
         return beta, gate, h
-    # Every row read up to its own length (packed), never its padding: a device's upload does
-    # not depend on who else asked with it (up to float rounding in the batched products). In
-    # chunks: every device asks at deployment, and one pass over all of a shard's devices would
-    # hold their activations at once.
-    if not recent:
-        return model.encode(torch.zeros((0, 1), dtype=torch.long))
-    out: list = [None, None, None]
-    for c0 in range(0, len(recent), _CHUNK):
-        part = recent[c0:c0 + _CHUNK]
-        ids, lengths = right_pad(part, W)
-        parts = model.encode(ids, lengths=lengths)
-        for i, got in enumerate(parts):
-            if got is not None:
-                if out[i] is None:
-                    out[i] = got.new_zeros((len(recent), *got.shape[1:]))
-                out[i][c0:c0 + len(part)] = got
-    return tuple(out)
-
-
-def right_pad(seqs: list, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids [n, t] right-padded with 0, lengths [n]): each sequence's last `width` items; an
-    empty one reads the padding item once, as a one-item sequence."""
-    lengths = np.array([max(1, min(len(q), width)) for q in seqs], np.int64)
-    ids = np.zeros((len(seqs), int(lengths.max()) if len(seqs) else 1), np.int64)
-    for i, q in enumerate(seqs):
-        q = q[-width:]
-        ids[i, :len(q)] = q
-    return torch.from_numpy(ids), torch.from_numpy(lengths)
+    return encode_each(model, recent)
 
 
 def _encode_flops(fx: Fixed) -> float:

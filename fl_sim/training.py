@@ -44,6 +44,31 @@ def same_length(seqs: list, width: int, chunk: int = 4096) -> list[np.ndarray]:
             for part in np.split(group, range(chunk, len(group), chunk))]
 
 
+def right_pad(seqs: list, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids [n, t] right-padded with 0, lengths [n]): each sequence's last `width` items; an
+    empty one reads the padding item once, as a one-item sequence."""
+    lengths = np.array([max(1, min(len(q), width)) for q in seqs], np.int64)
+    ids = np.zeros((len(seqs), int(lengths.max()) if len(seqs) else 1), np.int64)
+    for i, q in enumerate(seqs):
+        q = q[-width:]
+        ids[i, :len(q)] = q
+    return torch.from_numpy(ids), torch.from_numpy(lengths)
+
+
+@torch.no_grad()
+def encode_each(model: Recommender, recent: list, chunk: int = 4096) -> tuple:
+    """`model.encode` of windows of any lengths (model ids), each read to its own length and
+    never its padding (packed), so a row's (beta, gate, h) does not depend on the others in its
+    call (up to float rounding in the batched products). In chunks: at deployment every device
+    asks, and one call over all of them would hold all their activations at once."""
+    W = model.spec.window
+    if not recent:
+        return model.encode(torch.zeros((0, 1), dtype=torch.long))
+    parts = [model.encode(ids, lengths=lengths)
+             for ids, lengths in (right_pad(recent[c0:c0 + chunk], W) for c0 in range(0, len(recent), chunk))]
+    return tuple(torch.cat(p) if p[0] is not None else None for p in zip(*parts))
+
+
 class OfflineData:
     """Per-user sequences (model ids = dataset ids + 1) and the leave-last-out targets."""
 

@@ -23,7 +23,7 @@ from fl_sim.models import diet
 from fl_sim.models.assemble import assemble_batch
 from fl_sim.models.forward_ofa import argmax_gate
 from fl_sim.protocol import ID_BYTES, Deliveries, Requests, candidate_count
-from fl_sim.training import left_pad, same_length
+from fl_sim.training import encode_each
 from strategies import validate
 
 class Cloud:
@@ -150,14 +150,10 @@ class Cloud:
         return out
 
     def interests(self, items: np.ndarray) -> torch.Tensor:
-        """DIET: the extractor over each request's items [r, W] (model ids, 0 pads), in groups of
-        one length, unpadded (the GRU would read padding), so a device's masks do not depend
-        on who asked with it."""
-        recent = [row[row > 0] for row in items]
-        h = torch.zeros(len(items), self.model.extractor.gru.hidden_size)
-        for rows in same_length(recent, self.window):
-            h[torch.from_numpy(rows)] = self.model.encode(left_pad([recent[i] for i in rows], self.window))[2]
-        return h
+        """DIET: the extractor over each request's items [r, W] (model ids, 0 pads), each read
+        to its own length as devices encode theirs, so a device's masks do not depend on who
+        asked with it."""
+        return encode_each(self.model, [row[row > 0] for row in items])[2]
 
     def retrieve(self, device: np.ndarray, user: np.ndarray, chunk: int = 4096) -> np.ndarray:
         """The top-N items for each user vector, items of the device's history left out (in
