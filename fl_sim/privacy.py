@@ -35,7 +35,7 @@ from torch import nn
 from fl_sim.cli import CONF_DIR, friendly_errors, output_dir, write_json
 from fl_sim.config_check import check_ranges
 from fl_sim.errors import ConfigError, FlSimError
-from fl_sim.training import left_pad, same_length
+from fl_sim.training import left_pad, right_pad
 
 K = 10  # recall@K and NDCG@K
 # The upload fields each attack reads, per method: every field the method's request carries
@@ -99,9 +99,11 @@ def cloud_uploads(model, item: np.ndarray, indptr: np.ndarray, device: np.ndarra
     beta, h = outbox.upload_vectors(model, recent, device, ends, seed)
     h = outbox.defend(h, device, ends, h_noise, seed, stream=1)
     user = np.zeros((len(device), model.backbone.d), np.float32)
-    for part in same_length(recent, W, batch):  # unpadded windows, as devices encode them
+    for c0 in range(0, len(device), batch):  # windows read to their own lengths, as devices encode them
+        part = slice(c0, c0 + batch)
         seqs = [item[max(indptr[d], e - T):e].astype(np.int64) + 1 for d, e in zip(device[part], ends[part])]
-        hidden, _, _ = model(left_pad(seqs, T), left_pad([recent[i] for i in part], W))
+        ids, lengths = right_pad(recent[part], W)
+        hidden, _, _ = model(left_pad(seqs, T), ids, lengths=lengths)
         user[part] = hidden[:, -1].numpy()
     return {"beta": beta.reshape(len(device), -1), "h": h, "user": user}
 
@@ -355,9 +357,10 @@ def _recommend(model, seqs: list, batch: int = 256) -> np.ndarray:
     W, T = model.spec.window, model.backbone.maxlen
     out = np.zeros((len(seqs), model.backbone.item_emb.num_embeddings - 1), np.float32)
     recent = [q[-W:] for q in seqs]
-    for part in same_length(recent, W, batch):  # unpadded windows, as devices encode them
-        hidden, _, _ = model(left_pad([seqs[i] for i in part], T), left_pad([recent[i] for i in part], W))
-        out[part] = model.backbone.scores(hidden[:, -1]).numpy()
+    for c0 in range(0, len(seqs), batch):  # windows read to their own lengths, as devices encode them
+        ids, lengths = right_pad(recent[c0:c0 + batch], W)
+        hidden, _, _ = model(left_pad(seqs[c0:c0 + batch], T), ids, lengths=lengths)
+        out[c0:c0 + batch] = model.backbone.scores(hidden[:, -1]).numpy()
     return out
 
 

@@ -35,15 +35,6 @@ def left_pad(seqs: list[np.ndarray], T: int) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
-def same_length(seqs: list, width: int, chunk: int = 4096) -> list[np.ndarray]:
-    """Indices of `seqs` in groups of one length (cut at `width`), at most `chunk` each."""
-    lengths = np.minimum([len(q) for q in seqs], width)
-    order = np.argsort(lengths, kind="stable")
-    cuts = np.flatnonzero(np.diff(lengths[order])) + 1
-    return [part for group in np.split(order, cuts) if len(group)
-            for part in np.split(group, range(chunk, len(group), chunk))]
-
-
 def right_pad(seqs: list, width: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids [n, t] right-padded with 0, lengths [n]): each sequence's last `width` items; an
     empty one reads the padding item once, as a one-item sequence."""

@@ -120,9 +120,11 @@ class Recommender(nn.Module):
         return params
 
     # ---- training ----------------------------------------------------------------------
-    def forward(self, seq: torch.Tensor, recent: torch.Tensor, generator=None):
-        """Hidden states of `seq` under the structure and weights derived from `recent`."""
-        beta, gate, h = self.encode(recent, generator)
+    def forward(self, seq: torch.Tensor, recent: torch.Tensor, generator=None,
+                lengths: Optional[torch.Tensor] = None):
+        """Hidden states of `seq` under the structure and weights derived from `recent` (with
+        `lengths`: right-padded rows read to their lengths, as `encode`)."""
+        beta, gate, h = self.encode(recent, generator, lengths)
         gate_arg = None if self.spec.structure == "all" else gate
         hidden = self.backbone(seq, gate=gate_arg, params=self.generate(h))
         return hidden, beta, gate
