@@ -356,9 +356,8 @@ def _recommend(model, seqs: list, batch: int = 256) -> np.ndarray:
 
     W, T = model.spec.window, model.backbone.maxlen
     out = np.zeros((len(seqs), model.backbone.item_emb.num_embeddings - 1), np.float32)
-    recent = [q[-W:] for q in seqs]
     for c0 in range(0, len(seqs), batch):  # windows read to their own lengths, as devices encode them
-        ids, lengths = right_pad(recent[c0:c0 + batch], W)
+        ids, lengths = right_pad(seqs[c0:c0 + batch], W)  # each sequence's last W items
         hidden, _, _ = model(left_pad(seqs[c0:c0 + batch], T), ids, lengths=lengths)
         out[c0:c0 + batch] = model.backbone.scores(hidden[:, -1]).numpy()
     return out
