@@ -107,7 +107,7 @@ def score(fx: Fixed, st: Devices, active: np.ndarray, lo: np.ndarray, hi: np.nda
                  switch=switch_points(fx, st, active, lo, hi), before=np.zeros((n_ev, d), np.float32),
                  row=np.zeros(n_ev, np.int64), event=np.zeros(n_ev, np.int64),
                  model=np.empty(n_ev, object), ranked=np.zeros(n_ev, bool))
-    groups: dict = {}  # structure -> jobs (row, model, first event, end event, output index of first)
+    groups: dict = {}  # weights kind -> jobs (row, model, first event, end event, output index of first)
     cached: list = []  # jobs whose chunk is in the cache: (row, model, c0, c1, output index, Context)
     for a, j in enumerate(active):
         sp = out.switch[a]
@@ -128,8 +128,7 @@ def score(fx: Fixed, st: Devices, active: np.ndarray, lo: np.ndarray, hi: np.nda
                 if ctx is not None and ctx.serves(model, c0, c1):
                     cached.append((j, model, c0, c1, o + c0 - e0, ctx))
                     continue
-                key = (model.blocks.tobytes(), model.weights is None)
-                groups.setdefault(key, []).append((j, model, c0, c1, o + c0 - e0))
+                groups.setdefault(model.weights is None, []).append((j, model, c0, c1, o + c0 - e0))
     batch = int(fx.cfg.sim.batch)
     # Each device keeps the context of its latest job (the one reaching furthest).
     latest: dict = {}
@@ -153,7 +152,7 @@ def score(fx: Fixed, st: Devices, active: np.ndarray, lo: np.ndarray, hi: np.nda
 
 
 def _batches(fx: Fixed, jobs: list, batch: int) -> list[list]:
-    """The jobs of one structure in batches of at most `batch`, similar lengths together: a
+    """The jobs in batches of at most `batch`, similar lengths together: a
     batch pads every sequence to its longest (padding changes no result, but costs as much as
     items), so a batch also ends where its padding would pass a tenth of its items, plus a few
     hundred positions (measured: a pass of 4 sequences costs about what one of 128 does a
@@ -195,8 +194,10 @@ def _context(fx: Fixed, j: int, c0: int) -> tuple[int, int]:
 
 @torch.no_grad()
 def _pass(fx: Fixed, jobs: list) -> list:
-    """One causal pass over the jobs' chunks (one structure): each job with the hidden states
-    of its whole chunk sequence, [chunk length, d], and the chunk's first global index."""
+    """One causal pass over the jobs' chunks, each with its device's sub-model (a block runs on
+    the rows that keep it, in one call: devices of different structures share a pass): each
+    job with the hidden states of its whole chunk sequence, [chunk length, d], and the chunk's
+    first global index."""
     bb = fx.model.backbone
     T = bb.maxlen
     seqs, firsts = [], []
@@ -205,20 +206,21 @@ def _pass(fx: Fixed, jobs: list) -> list:
         seqs.append(fx.ids[first:chunk_end])
         firsts.append(first)
     seq = left_pad(seqs, T)
-    blocks = jobs[0][1].blocks
-    kept = np.flatnonzero(blocks).tolist()
+    keep = np.stack([m.blocks for _, m, _, _, _ in jobs])
+    kept = np.flatnonzero(keep.any(0)).tolist()
     params = None
     if jobs[0][1].weights is not None:
         params = [None] * bb.n_blocks
         mapper = fx.model.mapper
         for k in kept:
             block = bb.blocks[k]
-            stacked = torch.from_numpy(np.stack([m.weights[k] for _, m, _, _, _ in jobs]))
+            # (the rows that keep block k, in order)
+            stacked = torch.from_numpy(np.stack([m.weights[k] for _, m, _, _, _ in jobs if m.blocks[k]]))
             # The mapper's terms on the shard's one copy of the shared weights, as in offline
             # evaluation (what it does not generate stays one shared matrix for the batch);
             # finetune's own training: whole flat vectors.
             params[k] = mapper.params_from_terms(block, k, stacked) if mapper is not None else block.unflatten(stacked)
-    hidden = bb(seq, params=params, blocks=kept)
+    hidden = bb(seq, params=params, blocks=kept, keep=torch.from_numpy(keep))
     width = seq.shape[1]
     return [(*job, hidden[b, width - len(q):], first) for b, (job, q, first) in enumerate(zip(jobs, seqs, firsts))]
 

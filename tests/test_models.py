@@ -54,6 +54,29 @@ def test_submodel_equals_gated_full_model(kind, L, generate):
 
 
 @pytest.mark.parametrize("kind,L", KINDS)
+def test_one_pass_of_mixed_structures_equals_each_device_alone(kind, L):
+    """`keep`: rows of different structures in one pass (a block runs on the rows that keep
+    it, with their own generated weights) give what each row's sub-model gives alone."""
+    model = make(kind, L, generate="lowrank")
+    seq = batch(n=8)
+    with torch.no_grad():
+        _, _, h = model.encode(seq)
+        keep = torch.rand(len(seq), L, generator=torch.Generator().manual_seed(3)) < 0.5
+        keep[0], keep[1] = False, True  # a device with no block passes its embeddings through
+        assert len({tuple(r.tolist()) for r in keep}) >= 4
+        blocks = model.backbone.blocks
+        rows = [torch.nonzero(keep[:, k]).flatten() for k in range(L)]
+        mixed = model.backbone(seq, params=[model.mapper.block_params(b, k, h[rows[k]]) for k, b in enumerate(blocks)],
+                               keep=keep)
+        for i in range(len(seq)):
+            alone = model.backbone(seq[i:i + 1], params=[model.mapper.block_params(b, k, h[i:i + 1])
+                                                         for k, b in enumerate(blocks)],
+                                   blocks=torch.nonzero(keep[i]).flatten().tolist())
+            torch.testing.assert_close(mixed[i:i + 1], alone, atol=1e-5, rtol=1e-5)
+    assert not torch.equal(mixed[2], mixed[3])
+
+
+@pytest.mark.parametrize("kind,L", KINDS)
 def test_padding_does_not_change_outputs(kind, L):
     model = make(kind, L)
     seq = batch(T=8)[1:2]

@@ -50,12 +50,14 @@ class Backbone(nn.Module):
 
     def forward(self, seq: torch.Tensor, gate: Optional[torch.Tensor] = None,
                 params: Optional[Sequence[Optional[dict]]] = None,
-                blocks: Optional[Sequence[int]] = None) -> torch.Tensor:
+                blocks: Optional[Sequence[int]] = None, keep: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Hidden states [B,T,d].
 
         gate [B,L] in {0,1} (may carry straight-through gradients): h = g F(h) + (1-g) h.
         params[l]: per-sample weights for block l (None: shared). blocks: run only these
-        (a sub-model); all others are skipped without being computed.
+        (a sub-model); all others are skipped without being computed. keep [B,L] bool: each
+        row its own sub-model; block l runs on the rows that keep it, in one call, and the
+        others pass it unchanged (params[l] then holds weights for those rows alone, in order).
         """
         if seq.shape[1] > self.maxlen:
             seq = seq[:, -self.maxlen:]
@@ -72,7 +74,13 @@ class Backbone(nn.Module):
                 ctx["attn_mask"] = (causal & ((seq > 0).unsqueeze(1) | torch.eye(T, dtype=torch.bool))).unsqueeze(1)
         run = range(self.n_blocks) if blocks is None else blocks
         for l in run:
-            y = self.blocks[l](x, ctx, params[l] if params is not None else None)
+            p = params[l] if params is not None else None
+            rows = keep[:, l].nonzero().squeeze(1) if keep is not None and not bool(keep[:, l].all()) else None
+            if rows is not None:
+                if len(rows):
+                    x = x.index_copy(0, rows, self.blocks[l](x[rows], _rows(ctx, rows), p) * valid[rows])
+                continue
+            y = self.blocks[l](x, ctx, p)
             if gate is not None:
                 g = gate[:, l].view(-1, 1, 1)
                 y = g * y + (1 - g) * x
@@ -82,3 +90,8 @@ class Backbone(nn.Module):
     def scores(self, h: torch.Tensor) -> torch.Tensor:
         """Scores of every catalogue item (dataset ids 0..n-1) for hidden states h [..., d]."""
         return h @ self.item_emb.weight[1:].T
+
+
+def _rows(ctx: dict, rows: torch.Tensor) -> dict:
+    """A block's context (validity, attention mask) for some rows of its batch."""
+    return {k: v[rows] if v.dim() > 2 else v for k, v in ctx.items()}
