@@ -64,6 +64,7 @@ class Shard:
         self._t_min = float(s.ts.min()) if len(s.ts) else 0.0
         lengths = s.indptr[dev + 1] - s.indptr[dev]
         self._key_start = np.concatenate([[0], np.cumsum(lengths)])[:-1]
+        self._before: tuple = (None, None)  # (t, _events_before(t) before clipping)
         self._keys = np.concatenate([s.ts[s.indptr[g]:s.indptr[g + 1]] - self._t_min + r * self._span
                                      for r, g in enumerate(dev)]) if len(dev) else np.zeros(0)
 
@@ -125,12 +126,15 @@ class Shard:
         return req, {**metrics, **clock.laps}, int(st.parked.sum())
 
     def _events_before(self, t: float) -> np.ndarray:
-        """Per device, one past its last event before t (global index)."""
-        rows = np.arange(len(self.fx.devices))
-        x = min(max(t - self._t_min, 0.0), self._span - 0.5)  # inside each device's stretch of keys
-        at = np.searchsorted(self._keys, x + rows * self._span, side="left")
-        start = self.fx.s.indptr[self.fx.devices]
-        return np.clip(start + at - self._key_start, start, self.st.end)
+        """Per device, one past its last event before t (global index). A window's exchanges
+        share its end, so the search runs once per window."""
+        if self._before[0] != t:
+            rows = np.arange(len(self.fx.devices))
+            x = min(max(t - self._t_min, 0.0), self._span - 0.5)  # inside each device's stretch of keys
+            at = np.searchsorted(self._keys, x + rows * self._span, side="left")
+            start = self.fx.s.indptr[self.fx.devices]
+            self._before = (t, start + at - self._key_start)
+        return np.clip(self._before[1], self.fx.s.indptr[self.fx.devices], self.st.end)
 
     def device_table(self) -> dict:
         """Per-device totals, for the run's tables."""
