@@ -9,8 +9,9 @@ device's timeline in the same anchored chunks a run scores (clients/scoring.py),
 sequence one row of a batch of `sim.batch` rows of equal structure (the simulator's scorer
 mixes structures in a pass, as an exchange has few devices of each; with full batches, as here,
 mixing measured no faster: 7.2-12.2 s against 7.4-10.3 s at 5,000 devices, three runs each),
-one backbone pass per batch with the device's generated terms, and the target ranked among the device's candidates
-with the items it saw before left out (clients.scoring.rank_targets). Only that is timed.
+one backbone pass per batch with the device's generated terms, and the target ranked among the
+device's candidates with the items it saw before left out (clients.scoring.rank_targets). Only
+that is timed.
 
 What it leaves out of a run: later model versions (a run installs new ones when devices ask;
 their structures come from the same controller, so their cost per event is alike) and every

@@ -64,7 +64,8 @@ class Shard:
         self._t_min = float(s.ts.min()) if len(s.ts) else 0.0
         lengths = s.indptr[dev + 1] - s.indptr[dev]
         self._key_start = np.concatenate([[0], np.cumsum(lengths)])[:-1]
-        self._before: tuple = (None, None)  # (t, _events_before(t) before clipping)
+        self._start = s.indptr[dev]  # each device's first event (global index)
+        self._before: tuple = (None, None)  # (t, _events_before(t) before the devices' ends cut it)
         self._keys = np.concatenate([s.ts[s.indptr[g]:s.indptr[g + 1]] - self._t_min + r * self._span
                                      for r, g in enumerate(dev)]) if len(dev) else np.zeros(0)
 
@@ -132,9 +133,8 @@ class Shard:
             rows = np.arange(len(self.fx.devices))
             x = min(max(t - self._t_min, 0.0), self._span - 0.5)  # inside each device's stretch of keys
             at = np.searchsorted(self._keys, x + rows * self._span, side="left")
-            start = self.fx.s.indptr[self.fx.devices]
-            self._before = (t, start + at - self._key_start)
-        return np.clip(self._before[1], self.fx.s.indptr[self.fx.devices], self.st.end)
+            self._before = (t, np.maximum(self._start + at - self._key_start, self._start))
+        return np.minimum(self._before[1], self.st.end)
 
     def device_table(self) -> dict:
         """Per-device totals, for the run's tables."""

@@ -75,8 +75,8 @@ class Backbone(nn.Module):
         run = range(self.n_blocks) if blocks is None else blocks
         for l in run:
             p = params[l] if params is not None else None
-            rows = keep[:, l].nonzero().squeeze(1) if keep is not None and not bool(keep[:, l].all()) else None
-            if rows is not None:
+            if keep is not None and not bool(keep[:, l].all()):  # only some rows run block l
+                rows = keep[:, l].nonzero().squeeze(1)
                 if len(rows):
                     x = x.index_copy(0, rows, self.blocks[l](x[rows], _rows(ctx, rows), p) * valid[rows])
                 continue
