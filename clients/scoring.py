@@ -259,21 +259,35 @@ def _emit(fx: Fixed, out: Scored, jobs: list) -> None:
     out.scored[o_sc] = True
 
 
+RANK_GROUP = 16  # events ranked against one gather of their candidates (one device, one model)
+
+
 def rank_targets(fx: Fixed, h: torch.Tensor, rows: np.ndarray, events: np.ndarray, cand: list) -> tuple:
     """Rank of each event's item among the device's candidates (or the catalogue), items seen
     before the event left out (the target kept); a target outside the candidates ranks last
-    (len(candidates): a miss). Also the entropy of the softmax over what is ranked."""
+    (len(candidates): a miss). Also the entropy of the softmax over what is ranked.
+
+    Consecutive events of one device holding the same candidates array share one gather of
+    the candidates' embeddings and one search for when the device first saw each of them
+    (up to RANK_GROUP events a group): an event then costs a row of a batched product."""
     n_items = fx.s.n_items
     target = fx.s.item[events].astype(np.int64)
     g = fx.devices[rows]
     if fx.n_cand:
-        c = np.stack(cand)  # [n, N] dataset ids
-        scores = torch.einsum("nd,nkd->nk", h, torch.from_numpy(fx.emb[c + 1]))
-        key = g[:, None] * n_items + c
+        gid, place, first = _runs(rows, cand)
+        c_grp = np.stack([cand[i] for i in first])  # [G, N] dataset ids
+        e_grp = torch.from_numpy(fx.emb)[torch.from_numpy(c_grp + 1)]  # [G, N, d]
+        h_grp = h.new_zeros((len(first), int(place.max()) + 1, h.shape[1]))
+        h_grp[torch.from_numpy(gid), torch.from_numpy(place)] = h
+        scores = torch.bmm(h_grp, e_grp.transpose(1, 2))[torch.from_numpy(gid), torch.from_numpy(place)]
+        key = g[first][:, None] * n_items + c_grp
         at = np.minimum(np.searchsorted(fx.seen_key, key), len(fx.seen_key) - 1)
-        seen = (fx.seen_key[at] == key) & (fx.seen_first[at] < events[:, None]) & (c != target[:, None])
-        inside = (c == target[:, None]).any(1)
-        t_score = (scores * torch.from_numpy(c == target[:, None])).sum(1)
+        seen_at = np.where(fx.seen_key[at] == key, fx.seen_first[at], np.iinfo(np.int64).max)  # [G, N]
+        c = c_grp[gid]
+        is_target = c == target[:, None]
+        seen = (seen_at[gid] < events[:, None]) & ~is_target
+        inside = is_target.any(1)
+        t_score = (scores * torch.from_numpy(is_target)).sum(1)
         scores = scores.masked_fill(torch.from_numpy(seen), -torch.inf)
         rank = (scores > t_score.unsqueeze(1)).sum(1).numpy()
         rank = np.where(inside, rank, c.shape[1])
@@ -293,3 +307,17 @@ def rank_targets(fx: Fixed, h: torch.Tensor, rows: np.ndarray, events: np.ndarra
     ent = -(p * logp.nan_to_num(0.0, neginf=0.0)).sum(1).numpy()
     return rank, ent
 
+
+def _runs(rows: np.ndarray, cand: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Events cut into groups: runs of consecutive events of one device with the same
+    candidates array, at most RANK_GROUP events each. (each event's group, its place in the
+    group, each group's first event)."""
+    n = len(rows)
+    new = np.ones(n, bool)
+    if n > 1:
+        new[1:] = (rows[1:] != rows[:-1]) | np.fromiter((a is not b for a, b in zip(cand[1:], cand[:-1])), bool, n - 1)
+    run_start = np.maximum.accumulate(np.where(new, np.arange(n), 0))
+    new |= (np.arange(n) - run_start) % RANK_GROUP == 0
+    first = np.flatnonzero(new)
+    gid = np.cumsum(new) - 1
+    return gid, np.arange(n) - first[gid], first
