@@ -82,6 +82,17 @@ class Context:
         return model is self.model and self.c0 <= c0 and c1 <= self.end
 
 
+@dataclass
+class States:
+    """Hidden states of a list of jobs, in one matrix: `flat[base[i] + k]` is the state after
+    global event `pos0[i] + k` of job i's device, up to its chunk's end `end[i]` (exclusive)."""
+
+    flat: torch.Tensor
+    base: np.ndarray
+    pos0: np.ndarray
+    end: np.ndarray
+
+
 def switch_points(fx: Fixed, st: Devices, active: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
     """Per active device, the first event (global index) that its pending model serves; hi if none."""
     out = hi[active].copy()
@@ -136,13 +147,16 @@ def score(fx: Fixed, st: Devices, active: np.ndarray, lo: np.ndarray, hi: np.nda
         latest[j] = max(latest.get(j, c1), c1)
     for jobs in groups.values():
         for part in _batches(fx, jobs, batch):
-            passed = _pass(fx, part)
-            _emit(fx, out, passed)
+            states = _pass(fx, part)
+            _emit(fx, out, part, states)
             if cache is not None:
-                _keep(cache, passed, latest)
-    read = [(j, m, c0, c1, o, torch.from_numpy(ctx.hidden), ctx.pos0) for j, m, c0, c1, o, ctx in cached]
-    for b0 in range(0, len(read), batch):
-        _emit(fx, out, read[b0:b0 + batch])
+                _keep(cache, part, states, latest)
+    for b0 in range(0, len(cached), 8 * batch):
+        part = cached[b0:b0 + 8 * batch]
+        contexts = [ctx for *_, ctx in part]
+        n = np.array([len(ctx.hidden) for ctx in contexts])
+        _emit(fx, out, part, States(torch.from_numpy(np.concatenate([ctx.hidden for ctx in contexts])), np.cumsum(n) - n,
+                                    np.array([ctx.pos0 for ctx in contexts]), np.array([ctx.end for ctx in contexts])))
     for j, _, _, c1, _, ctx in cached:  # a context read to its chunk's end has nothing more to give
         if c1 == latest[j] and c1 >= ctx.end and cache.get(j) is ctx:
             del cache[j]
@@ -169,19 +183,20 @@ def _batches(fx: Fixed, jobs: list, batch: int) -> list[list]:
     return out + [part] if part else out
 
 
-def _keep(cache: dict, passed: list, latest: dict) -> None:
+def _keep(cache: dict, jobs: list, states: States, latest: dict) -> None:
     """The context of each passed job that is its device's latest, while events of its chunk
     remain after it: from the state before the job's first event on (a copy, not a view that
     would keep the whole batch's states alive)."""
-    for j, model, c0, c1, _, hidden, pos0 in passed:
+    for i, (j, model, c0, c1, _) in enumerate(jobs):
         if c1 != latest[j]:
             continue
-        end = pos0 + hidden.shape[0]
+        pos0, end = int(states.pos0[i]), int(states.end[i])
         if c1 >= end:
             cache.pop(j, None)
             continue
         start = max(pos0, c0 - 1)
-        cache[j] = Context(model, c0, start, end, hidden[start - pos0:].numpy().copy())
+        b = int(states.base[i]) + start - pos0
+        cache[j] = Context(model, c0, start, end, states.flat[b:b + end - start].numpy().copy())
 
 
 def _context(fx: Fixed, j: int, c0: int) -> tuple[int, int]:
@@ -195,9 +210,8 @@ def _context(fx: Fixed, j: int, c0: int) -> tuple[int, int]:
 @torch.no_grad()
 def _pass(fx: Fixed, jobs: list) -> list:
     """One causal pass over the jobs' chunks, each with its device's sub-model (a block runs on
-    the rows that keep it, in one call: devices of different structures share a pass): each
-    job with the hidden states of its whole chunk sequence, [chunk length, d], and the chunk's
-    first global index."""
+    the rows that keep it, in one call: devices of different structures share a pass): the
+    hidden states of each job's whole chunk sequence."""
     bb = fx.model.backbone
     T = bb.maxlen
     seqs, firsts = [], []
@@ -221,42 +235,42 @@ def _pass(fx: Fixed, jobs: list) -> list:
             # finetune's own training: whole flat vectors.
             params[k] = mapper.params_from_terms(block, k, stacked) if mapper is not None else block.unflatten(stacked)
     hidden = bb(seq, params=params, blocks=kept, keep=torch.from_numpy(keep))
-    width = seq.shape[1]
-    return [(*job, hidden[b, width - len(q):], first) for b, (job, q, first) in enumerate(zip(jobs, seqs, firsts))]
+    width, n = seq.shape[1], np.array([len(q) for q in seqs])
+    firsts = np.array(firsts)
+    return States(hidden.reshape(-1, hidden.shape[-1]), np.arange(len(jobs)) * width + width - n, firsts, firsts + n)
 
 
-def _emit(fx: Fixed, out: Scored, jobs: list) -> None:
-    """Write each job's events into `out` from its chunk's hidden states (`hidden[i]`: the state
-    after global event pos0 + i): every event's user vector (the state after it), and for
-    events with something before them in the chunk, the state before it, which ranks it."""
-    users, o_all, before, o_sc, rows_sc, ev_sc, models, n_sc = [], [], [], [], [], [], [], []
-    for j, model, c0, c1, o, hidden, pos0 in jobs:
-        users.append(hidden[c0 - pos0:c1 - pos0])
-        o_all.append(np.arange(o, o + c1 - c0))
-        out.blocks[o:o + c1 - c0] = model.blocks
-        s0 = max(c0, pos0 + 1)  # events whose previous state is in the chunk
-        if s0 < c1:
-            before.append(hidden[s0 - 1 - pos0:c1 - 1 - pos0])
-            o_sc.append(np.arange(o + s0 - c0, o + c1 - c0))
-            rows_sc.append(np.full(c1 - s0, j))
-            ev_sc.append(np.arange(s0, c1))
-            models.append(model)
-            n_sc.append(c1 - s0)
-    o_all = np.concatenate(o_all)
-    out.user[o_all] = torch.cat(users).numpy()
-    blocks = out.blocks[o_all]
-    out.flops[o_all] = np.repeat([model.flops for _, model, *_ in jobs], [c1 - c0 for _, _, c0, c1, *_ in jobs])
-    out.params[o_all] = fx.base_params + blocks @ fx.block_params
-    if not o_sc:
+def _emit(fx: Fixed, out: Scored, jobs: list, states: States) -> None:
+    """Write each job's events c0:c1 into `out` (from output index o) from its states: every
+    event's user vector (the state after it), and for events with something before them in the
+    chunk, the state before it, which ranks it. All jobs at once: one gather per array."""
+    j, c0, c1, o = (np.array([job[k] for job in jobs], np.int64) for k in (0, 2, 3, 4))
+    models = np.empty(len(jobs), object)
+    models[:] = [job[1] for job in jobs]
+    blocks = np.stack([m.blocks for m in models])
+    n = c1 - c0
+    job, k = _spread(n)
+    o_all = o[job] + k
+    out.user[o_all] = states.flat[torch.from_numpy(states.base[job] + (c0 - states.pos0)[job] + k)].numpy()
+    out.blocks[o_all] = blocks[job]
+    out.flops[o_all] = np.array([m.flops for m in models])[job]
+    out.params[o_all] = fx.base_params + blocks[job] @ fx.block_params
+    s0 = np.maximum(c0, states.pos0 + 1)  # events whose previous state is in the chunk
+    job, k = _spread(np.maximum(c1 - s0, 0))
+    if not len(job):
         return
-    o_sc = np.concatenate(o_sc)
-    out.before[o_sc] = torch.cat(before).numpy()
-    out.row[o_sc] = np.concatenate(rows_sc)
-    out.event[o_sc] = np.concatenate(ev_sc)
-    held = np.empty(len(models), object)
-    held[:] = models
-    out.model[o_sc] = np.repeat(held, n_sc)
+    o_sc = o[job] + (s0 - c0)[job] + k
+    out.before[o_sc] = states.flat[torch.from_numpy(states.base[job] + (s0 - 1 - states.pos0)[job] + k)].numpy()
+    out.row[o_sc] = j[job]
+    out.event[o_sc] = s0[job] + k
+    out.model[o_sc] = models[job]
     out.scored[o_sc] = True
+
+
+def _spread(n: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For counts n: (which count, 0..n-1 within it) of each of the sum(n) items."""
+    job = np.repeat(np.arange(len(n)), n)
+    return job, np.arange(len(job)) - np.repeat(np.cumsum(n) - n, n)
 
 
 RANK_GROUP = 16  # events ranked against one gather of their candidates (one device, one model)
