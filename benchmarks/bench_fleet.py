@@ -129,13 +129,21 @@ def floors(result: dict, runs: dict, cache: str, sizes: list[int], pairs: int = 
 def ratios(sim_wall_s: float, rounds_s: float, floor: dict) -> dict:
     """A run's simulation time over the floor (deployment models only; one pass per model
     version), and its round loop alone (without the engine's fixed start and stop) over the
-    latter; `_parallel`: over the floor split as the run's shards (one-thread processes)."""
+    latter; `_parallel`: over the floor split as the run's shards (one-thread processes).
+    `rounds_over_floor_versions_and_requests`: the round loop over the floor plus the run's
+    requests' own computation on the device (not scoring: beside the target, not in it)."""
     out = {"simulation_over_floor": round(sim_wall_s / floor["floor_s"], 2),
            "simulation_over_floor_versions": round(sim_wall_s / floor["floor_versions_s"], 2),
            "rounds_over_floor_versions": round(rounds_s / floor["floor_versions_s"], 2)}
     if "parallel" in floor:
         out["simulation_over_floor_versions_parallel"] = round(sim_wall_s / floor["parallel"]["floor_versions_s"], 2)
         out["rounds_over_floor_versions_parallel"] = round(rounds_s / floor["parallel"]["floor_versions_s"], 2)
+    if "requests_s" in floor:
+        out["rounds_over_floor_versions_and_requests"] = round(
+            rounds_s / (floor["floor_versions_s"] + floor["requests_s"]), 2)
+        if "parallel" in floor:
+            out["rounds_over_floor_versions_and_requests_parallel"] = round(
+                rounds_s / floor["parallel"]["floor_versions_and_requests_s"], 2)
     return out
 
 

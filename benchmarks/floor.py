@@ -20,10 +20,12 @@ that the floor computes the right thing, the same events are also scored through
 simulator's own scorer (clients.scoring.score) with the same models (`--check`): NDCG@10
 must agree. With `--run=DIR` (a finished run of the same overrides), also the floor that
 scores each chunk once per model version the run installed (its installs.parquet): what the
-run must compute at the least, as a device's model changes. With `--processes=N`, also both
-floors split over N one-thread processes running at once, the devices dealt as a run deals
-them to its N shards (the floor in the shape of the run; the slowest part's seconds). Prints
-JSON: floor seconds, events, ms per event, NDCG@10.
+run must compute at the least, as a device's model changes; and, apart, what the run's
+requests (its requests.parquet) compute on their devices in plain batched calls, the
+structure and interest each uploads (not scoring, so not in the floor). With
+`--processes=N`, also both floors split over N one-thread processes running at once, the
+devices dealt as a run deals them to its N shards (the floor in the shape of the run; the
+slowest part's seconds). Prints JSON: floor seconds, events, ms per event, NDCG@10.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ from fl_sim import runfiles  # noqa: E402
 from fl_sim.cli import CONF_DIR  # noqa: E402
 from fl_sim.data import build_streams, load_dataset, select_devices  # noqa: E402
 from fl_sim.pretrain import deployment_users, pretrained  # noqa: E402
+from fl_sim.privacy import request_ends  # noqa: E402
 from fl_sim.training import left_pad  # noqa: E402
 from strategies.cloud import Cloud  # noqa: E402
 
@@ -131,6 +134,26 @@ def floor(fx, st, installs: dict | None = None) -> tuple[float, np.ndarray, np.n
     return seconds, np.concatenate(events), np.concatenate(ndcg), np.concatenate(entropy)
 
 
+@torch.no_grad()
+def encode_requests(fx, run_output: str) -> tuple[float, int]:
+    """(seconds, requests): what the run's real-time requests of this part's devices
+    (requests.parquet) compute on the device, the controller's structure and the extractor's
+    interest over each one's window (clients.outbox.upload_vectors), in plain batched calls.
+    Not scoring, so not in the floor; the device's own work a run must do as well."""
+    import pandas as pd
+
+    req = pd.read_parquet(Path(run_output) / "requests.parquet")
+    device = req["device"].to_numpy()
+    mine = np.isin(device, fx.devices)
+    g = device[mine]
+    ends = request_ends(fx.s.split, g, req["event"].to_numpy()[mine])
+    W = fx.model.spec.window
+    windows = [fx.ids[max(fx.s.indptr[gi], e - W):e] for gi, e in zip(g, ends)]
+    start = time.perf_counter()
+    outbox.upload_vectors(fx.model, windows, g, ends, int(fx.cfg.seed))
+    return time.perf_counter() - start, int(len(g))
+
+
 def read_installs(run_output: str) -> tuple[dict, int]:
     """(device -> the times a finished run installed a new model, installs in all)."""
     import pandas as pd
@@ -158,6 +181,8 @@ def measure(overrides: list[str], check: bool = False, run_output: str | None = 
             seconds_v, events_v, _, _ = floor(fx, st, installs)
             out.update({"floor_versions_s": round(seconds_v, 3), "installs": n_installs,
                         "events_ranked_versions": int(len(events_v))})
+            seconds_r, n_requests = encode_requests(fx, run_output)
+            out.update({"requests_s": round(seconds_r, 3), "requests": n_requests})
         if check:
             rows = np.arange(len(fx.devices))
             lo, hi = fx.s.split[fx.devices].copy(), fx.s.indptr[fx.devices + 1].copy()
@@ -183,7 +208,7 @@ def in_parts(run_dir: str, n: int, run_output: str | None) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     procs = [subprocess.Popen([sys.executable, __file__, "--part", run_dir, str(i), str(n), run_output or ""],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env) for i in range(n)]
-    sections = 2 if run_output else 1
+    sections = 3 if run_output else 1
     for _ in range(sections):  # a barrier before each timed section
         for p in procs:
             line = p.stdout.readline()
@@ -198,6 +223,8 @@ def in_parts(run_dir: str, n: int, run_output: str | None) -> dict:
     out = {"processes": n, "threads_each": 1, "floor_s": max(p["floor_s"] for p in parts), "parts": parts}
     if run_output:
         out["floor_versions_s"] = max(p["floor_versions_s"] for p in parts)
+        out["requests_s"] = max(p["requests_s"] for p in parts)
+        out["floor_versions_and_requests_s"] = max(p["floor_versions_s"] + p["requests_s"] for p in parts)
     out["events_ranked"] = sum(p["events_ranked"] for p in parts)
     out["ndcg10"] = sum(p["ndcg10_sum"] for p in parts) / max(out["events_ranked"], 1)
     return out
@@ -218,6 +245,10 @@ def part(run_dir: str, shard: int, n: int, run_output: str) -> None:
     out = dict(zip(("floor_s", "events_ranked", "ndcg10_sum"), timed(None)))
     if installs is not None:
         out["floor_versions_s"] = timed(installs)[0]
+        print("ready", flush=True)
+        sys.stdin.readline()
+        seconds, out["requests"] = encode_requests(fx, run_output)
+        out["requests_s"] = round(seconds, 3)
     print(json.dumps({"shard": shard, **out}), flush=True)
 
 
