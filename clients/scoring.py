@@ -151,18 +151,22 @@ def score(fx: Fixed, st: Devices, active: np.ndarray, lo: np.ndarray, hi: np.nda
             _emit(fx, out, part, states)
             if cache is not None:
                 _keep(cache, part, states, latest)
-    for b0 in range(0, len(cached), 8 * batch):
+    for b0 in range(0, len(cached), 8 * batch):  # (at most a few MB of states at a time)
         part = cached[b0:b0 + 8 * batch]
-        contexts = [ctx for *_, ctx in part]
-        n = np.array([len(ctx.hidden) for ctx in contexts])
-        _emit(fx, out, part, States(torch.from_numpy(np.concatenate([ctx.hidden for ctx in contexts])), np.cumsum(n) - n,
-                                    np.array([ctx.pos0 for ctx in contexts]), np.array([ctx.end for ctx in contexts])))
+        _emit(fx, out, part, _read([ctx for *_, ctx in part]))
     for j, _, _, c1, _, ctx in cached:  # a context read to its chunk's end has nothing more to give
         if c1 == latest[j] and c1 >= ctx.end and cache.get(j) is ctx:
             del cache[j]
     if rank:
         out.rank(fx, np.arange(n_ev))
     return out
+
+
+def _read(contexts: list) -> States:
+    """The states cached contexts hold, as one matrix."""
+    n = np.array([len(ctx.hidden) for ctx in contexts])
+    return States(torch.from_numpy(np.concatenate([ctx.hidden for ctx in contexts])), np.cumsum(n) - n,
+                  np.array([ctx.pos0 for ctx in contexts]), np.array([ctx.end for ctx in contexts]))
 
 
 def _batches(fx: Fixed, jobs: list, batch: int) -> list[list]:
