@@ -147,8 +147,7 @@ def encode_requests(fx, run_output: str) -> tuple[float, int]:
     mine = np.isin(device, fx.devices)
     g = device[mine]
     ends = request_ends(fx.s.split, g, req["event"].to_numpy()[mine])
-    W = fx.model.spec.window
-    windows = [fx.ids[max(fx.s.indptr[gi], e - W):e] for gi, e in zip(g, ends)]
+    windows = outbox.recent_items(fx, g, ends)
     start = time.perf_counter()
     outbox.upload_vectors(fx.model, windows, g, ends, int(fx.cfg.seed))
     return time.perf_counter() - start, int(len(g))
@@ -236,17 +235,19 @@ def part(run_dir: str, shard: int, n: int, run_output: str) -> None:
     fx, st = deployed(run_dir, shard, n)
     installs = read_installs(run_output)[0] if run_output else None
 
-    def timed(inst):
+    def go():
         print("ready", flush=True)
         sys.stdin.readline()
+
+    def timed(inst):
+        go()
         seconds, events, ndcg, _ = floor(fx, st, inst)
         return round(seconds, 3), int(len(events)), float(ndcg.sum())
 
     out = dict(zip(("floor_s", "events_ranked", "ndcg10_sum"), timed(None)))
     if installs is not None:
         out["floor_versions_s"] = timed(installs)[0]
-        print("ready", flush=True)
-        sys.stdin.readline()
+        go()
         seconds, out["requests"] = encode_requests(fx, run_output)
         out["requests_s"] = round(seconds, 3)
     print(json.dumps({"shard": shard, **out}), flush=True)

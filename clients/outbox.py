@@ -32,10 +32,10 @@ _NOISE = 210  # counter_rng streams of the upload defence (210: devices, 211: th
 def build(fx: Fixed, st: Devices, rows: np.ndarray, ends: np.ndarray, t: np.ndarray, user: np.ndarray,
           first: bool = False) -> Requests:
     """Requests of devices `rows`, each knowing its items before global index `ends`."""
-    model, s = fx.model, fx.s
+    model = fx.model
     g = fx.devices[rows]
     W = model.spec.window
-    recent = [fx.ids[max(s.indptr[gi], e - W):e] for gi, e in zip(g, ends)]
+    recent = recent_items(fx, g, ends)
     L = model.backbone.n_blocks
     if model.reveals_items:  # DIET: the items themselves (the cloud encodes them); no structure to send
         beta_np, h_np = np.zeros((len(rows), L, 2), np.float32), np.zeros((len(rows), 0), np.float32)
@@ -70,6 +70,13 @@ def build(fx: Fixed, st: Devices, rows: np.ndarray, ends: np.ndarray, t: np.ndar
                     beta=beta_np, h=h_np, user=user.astype(np.float32),
                     max_flops=np.asarray(max_f, float), max_params=np.asarray(max_p, float),
                     first=np.full(len(rows), first), holds=st.holds[rows].copy(), items=items)
+
+
+def recent_items(fx: Fixed, g: np.ndarray, ends: np.ndarray) -> list:
+    """Each device's last `window` items (model ids) before global index `ends`: what its
+    controller and extractor read when it asks."""
+    W, s = fx.model.spec.window, fx.s
+    return [fx.ids[max(s.indptr[gi], e - W):e] for gi, e in zip(g, ends)]
 
 
 @torch.no_grad()

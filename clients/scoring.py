@@ -212,7 +212,7 @@ def _context(fx: Fixed, j: int, c0: int) -> tuple[int, int]:
 
 
 @torch.no_grad()
-def _pass(fx: Fixed, jobs: list) -> list:
+def _pass(fx: Fixed, jobs: list) -> States:
     """One causal pass over the jobs' chunks, each with its device's sub-model (a block runs on
     the rows that keep it, in one call: devices of different structures share a pass): the
     hidden states of each job's whole chunk sequence."""
