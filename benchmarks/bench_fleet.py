@@ -20,7 +20,9 @@ Cases (5,000 devices and the default config unless named):
              floor when its results are unchanged
   checkpoints  the checkpoint run of `scale` alone (pre-training cached at the largest size)
   floor      the floors of `scale` alone, each against new runs of the default command (--pairs:
-             how many, alternating run and floor; medians of the ratios)
+             how many, alternating run and floor; medians of the ratios). The pairs replace the
+             row's; with --add-pairs they join the row's pairs of the same commit (each pair
+             names its commit; a work tree with changes never adds)
 Writes benchmarks/results/fleet.json: every run and the median per case. --cache DIR reuses the
 pre-trained models cached there (default: a fresh directory; pre-training is never timed in the
 cached cases).
@@ -94,18 +96,29 @@ def scale(result: dict, runs: dict, cache: str, sizes: list[int], n_runs: int, r
     floors(result, runs, cache, sizes)
 
 
-def floors(result: dict, runs: dict, cache: str, sizes: list[int], pairs: int = 1) -> None:
+def commit() -> str:
+    """The checked-out commit, with "+dirty" when the work tree differs from it."""
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
+                           text=True).stdout.strip()
+    return (head or "unknown") + ("+dirty" if dirty else "")
+
+
+def floors(result: dict, runs: dict, cache: str, sizes: list[int], pairs: int = 1, add: bool = False) -> None:
     """The compute floor at 5,000 devices and the largest size (pre-training cached there):
     with the deployment models only, and with one pass per model version of a run of the
     default command (its installs.parquet), in one process on the machine's threads and split
     over the run's shards as one-thread processes; that run's simulation wall time over each.
     `pairs`: that many runs, each followed by its floor; the row keeps every pair and the
-    medians of their ratios (the machine's speed varies within an hour)."""
+    medians of their ratios (the machine's speed varies within an hour). `add`: the new pairs
+    join the row's pairs measured at the same commit (pairs of other code are dropped, not
+    mixed in); otherwise they replace the row's pairs."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from floor import measure
 
     os.environ["FL_SIM_CACHE"] = cache  # the floor reads the same cached pre-training
     rows = result.setdefault("scale", {})
+    code = commit()
     for n in sorted({5000, max(sizes)} & set(sizes)):
         samples = []
         for i in range(pairs):
@@ -116,13 +129,15 @@ def floors(result: dict, runs: dict, cache: str, sizes: list[int], pairs: int = 
             print(json.dumps(fl), flush=True)
             # The ratio is a run of this sitting over its floor: a row measured on another day
             # (another model, another load on the machine) is not compared with it.
-            samples.append({"floor": fl, "floor_run": {k: mid[k] for k in ("process_wall_s", "sim_wall_s", "peak_rss_mb",
+            samples.append({"commit": code, "floor": fl, "floor_run": {k: mid[k] for k in ("process_wall_s", "sim_wall_s", "peak_rss_mb",
                                                                             "ndcg10", "time_s")},
                             **ratios(mid["sim_wall_s"], mid["time_s"]["rounds"], fl)})
         row = rows.setdefault(str(n), {})
+        if add and "+dirty" not in code:
+            samples = [x for x in row.get("floor_pairs", []) if x.get("commit") == code] + samples
         mid_pair = sorted(samples, key=lambda x: x["rounds_over_floor_versions"])[len(samples) // 2]
         row["floor"], row["floor_run"] = mid_pair["floor"], mid_pair["floor_run"]
-        row.update({k: round(statistics.median(x[k] for x in samples), 2) for k in samples[0] if "_over_" in k})
+        row.update({k: round(statistics.median(x[k] for x in samples), 2) for k in samples[-1] if "_over_" in k})
         row["floor_pairs"] = samples
 
 
@@ -165,6 +180,8 @@ def main() -> None:
     parser.add_argument("--cache", help="cache directory to reuse (default: a fresh one)")
     parser.add_argument("--sizes", default="1000,5000,20000,100000", help="scale: fleet sizes")
     parser.add_argument("--pairs", type=int, default=1, help="floor: runs each followed by its floor, per size")
+    parser.add_argument("--add-pairs", action="store_true",
+                        help="floor: add the new pairs to the row's pairs of the same commit instead of replacing them")
     opts = parser.parse_args()
     cases = opts.cases.split(",")
     path = ROOT / "benchmarks/results/fleet.json"
@@ -200,7 +217,7 @@ def main() -> None:
         if "checkpoints" in cases:
             checkpoints(result, runs, warm_cache, max(sizes))
         if "floor" in cases:
-            floors(result, runs, warm_cache, sizes, opts.pairs)
+            floors(result, runs, warm_cache, sizes, opts.pairs, add=opts.add_pairs)
     result["median"] = {case: {k: median(rows, k) for k in ("process_wall_s", "wall_s", "sim_wall_s", "peak_rss_mb")}
                         for case, rows in runs.items()}
     path.write_text(json.dumps(result, indent=2) + "\n")
