@@ -97,10 +97,11 @@ def scale(result: dict, runs: dict, cache: str, sizes: list[int], n_runs: int, r
 
 
 def commit() -> str:
-    """The checked-out commit, with "+dirty" when the work tree differs from it."""
+    """The checked-out commit, with "+dirty" when the work tree differs from it (results aside:
+    writing them is what a benchmark does)."""
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
-                           text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                            ":(exclude)benchmarks/results"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     return (head or "unknown") + ("+dirty" if dirty else "")
 
 
