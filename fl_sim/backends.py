@@ -5,10 +5,11 @@ Both backends drive the same round loop (fl_sim.engine.drive) and the same shard
 only how one exchange reaches every shard.
 
 On Ray, a shard's state lives in a named actor (Flower hands a node's messages to any worker
-of its pool). For each exchange the cloud hands every shard actor its deliveries through Ray's
-object store (weights are megabytes to gigabytes; Flower's message path copies and hashes them
-several times), then Flower's message carries the exchange's window; the reply carries the
-shard's requests and metrics.
+of its pool). For each exchange the cloud hands every shard actor its window and deliveries
+through Ray's object store (weights are megabytes to gigabytes; Flower's message path copies and
+hashes them several times); Flower's message is a numbered tick that runs it (several are kept
+queued ahead: strategies.app.CloudStrategy), and the reply carries the shard's requests and
+metrics.
 """
 
 from __future__ import annotations
