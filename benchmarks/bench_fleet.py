@@ -134,7 +134,9 @@ def floors(result: dict, runs: dict, cache: str, sizes: list[int], pairs: int = 
                                                                             "ndcg10", "time_s")},
                             **ratios(mid["sim_wall_s"], mid["time_s"]["rounds"], fl)})
         row = rows.setdefault(str(n), {})
-        if add and "+dirty" not in code:
+        if add and "+dirty" in code:
+            print("--add-pairs: the work tree has changes, so the new pairs replace the row's", file=sys.stderr)
+        elif add:
             samples = [x for x in row.get("floor_pairs", []) if x.get("commit") == code] + samples
         mid_pair = sorted(samples, key=lambda x: x["rounds_over_floor_versions"])[len(samples) // 2]
         row["floor"], row["floor_run"] = mid_pair["floor"], mid_pair["floor_run"]
