@@ -51,6 +51,7 @@ from clients.state import Devices, load_fixed  # noqa: E402
 from fl_sim import runfiles  # noqa: E402
 from fl_sim.cli import CONF_DIR  # noqa: E402
 from fl_sim.data import build_streams, load_dataset, select_devices  # noqa: E402
+from fl_sim.memory import steady_heap  # noqa: E402
 from fl_sim.pretrain import deployment_users, pretrained  # noqa: E402
 from fl_sim.privacy import request_ends  # noqa: E402
 from fl_sim.training import left_pad  # noqa: E402
@@ -254,6 +255,7 @@ def part(run_dir: str, shard: int, n: int, run_output: str) -> None:
 
 
 def main() -> None:
+    steady_heap()  # the allocator settings of the run's processes (fl_sim.memory)
     args = sys.argv[1:]
     if args[:1] == ["--part"]:
         run_dir, shard, n, run_output = args[1:5]

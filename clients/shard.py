@@ -24,6 +24,7 @@ from clients import inbox, outbox
 from clients.replay import replay
 from clients.scoring import score
 from clients.state import Devices, load_fixed
+from fl_sim.memory import steady_heap
 from fl_sim.protocol import Deliveries, Requests
 from fl_sim.resume import load_state, save_state
 
@@ -46,6 +47,7 @@ class Clock:
 
 class Shard:
     def __init__(self, run_dir: str | Path, shard: int, n_shards: int):
+        steady_heap()  # the scoring passes reuse heap memory instead of faulting in fresh pages
         self.index = shard
         self.fx = fx = load_fixed(str(run_dir), shard, n_shards)
         self.st = Devices.new(fx)
