@@ -15,6 +15,7 @@ with the round loop's and the floor's seconds and the summary's NDCG@10, and the
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import subprocess
@@ -66,12 +67,13 @@ class Count:
 
 
 def main() -> None:
-    args = sys.argv[1:]
-    if args[:1] != ["--one"]:  # each pair in a fresh process, so one does not warm the next
-        runs = int(args[args.index("--runs") + 1]) if "--runs" in args else 3
-        overrides = [a for i, a in enumerate(args) if a != "--runs" and (i == 0 or args[i - 1] != "--runs")]
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # one pair, in this process
+    opts, overrides = parser.parse_known_args()
+    if not opts.one:  # each pair in a fresh process, so one does not warm the next
         pairs = []
-        for _ in range(runs):
+        for _ in range(opts.runs):
             res = subprocess.run([sys.executable, __file__, "--one", *overrides], capture_output=True, text=True)
             if res.returncode != 0:
                 raise SystemExit(f"passes.py failed:\n{res.stderr[-3000:]}")
@@ -81,7 +83,6 @@ def main() -> None:
                   "rounds_over_floor_median": statistics.median(p["rounds_over_floor"] for p in pairs)}
         (ROOT / "benchmarks" / "results" / "passes.json").write_text(json.dumps(result, indent=1) + "\n")
         return
-    overrides = args[1:]
     torch.set_num_threads(1)
     count = Count()
     import floor
