@@ -48,6 +48,7 @@ RANGES: dict[str, tuple] = {
     "sim.ray.threads": (1, None, True, True),
     "sim.pretrain.max_minutes": (0, None, False, False),
     "sim.pretrain.max_epochs": (1, None, True, True),
+    "sim.pretrain.max_sequences": (1, None, True, True),
     "sim.pretrain.patience": (1, None, True, True),
     "sim.checkpoint_every": (0, None, True, True),
     "faults.shard_fail": (0, 1, True, False),

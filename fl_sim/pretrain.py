@@ -1,9 +1,11 @@
 """The cloud's model before deployment: trained centrally on the history it holds (never on
-the devices' real-time streams), cached by a hash of everything that affects it; and what that
-model makes of each device's history (its user vector at deployment), cached with it."""
+the devices' real-time streams), cached by a hash of everything that affects it (the config and
+the code that builds the data and trains the model); and what that model makes of each device's
+history (its user vector at deployment), cached with it."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from pathlib import Path
@@ -26,10 +28,25 @@ def history_only(streams: DeviceStreams) -> Interactions:
                         has_timestamps=inter.has_timestamps, user_ids=inter.user_ids, item_ids=inter.item_ids)
 
 
+@functools.cache
+def code_digest() -> str:
+    """A digest of the sources that decide the pre-trained model: the data (loading, synthetic
+    generation, streams), the models and the training loop. A change to any of them trains
+    again rather than serving a model the current code would not make."""
+    root = Path(__file__).parent
+    files = sorted([root / "training.py", root / "pretrain.py", *(root / "models").glob("*.py"),
+                    *(root / "data").glob("*.py")])
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
 def fingerprint(cfg: DictConfig, n_items: int) -> dict:
     fp = checkpoint.fingerprint(cfg, n_items)
     fp["num_clients"] = cfg.num_clients
     fp["pretrain"] = OmegaConf.to_container(cfg.sim.pretrain, resolve=True)
+    fp["code"] = code_digest()
     return fp
 
 
@@ -39,8 +56,10 @@ def pretrained_path(cfg: DictConfig, streams: DeviceStreams) -> Path:
     return Path(cfg.cache_dir).expanduser() / "pretrained" / f"{digest}.pt"
 
 
-def pretrained(cfg: DictConfig, streams: DeviceStreams, progress=None) -> tuple[Recommender, dict, bool]:
-    """The trained model, its fingerprint, and whether it came from the cache."""
+def pretrained(cfg: DictConfig, streams: DeviceStreams, progress=None) -> tuple[Recommender, dict, dict]:
+    """The trained model, its fingerprint, and how it was trained: {"cached": from the cache,
+    "epochs", "best_epoch" (the weights kept), "sequences" (trained on), "stopped" (early_stopping,
+    max_sequences, max_epochs or time_limit)}."""
     n_items = streams.inter.n_items
     fp = fingerprint(cfg, n_items)
     path = pretrained_path(cfg, streams)
@@ -48,21 +67,24 @@ def pretrained(cfg: DictConfig, streams: DeviceStreams, progress=None) -> tuple[
     model = build_model(cfg.model, cfg.method, n_items)
     if path.exists():
         try:
-            checkpoint.load(path, model, fp)
+            record = checkpoint.load(path, model, fp)
             if model.reveals_items and not model.mapper.has_reference:  # DIET, cached before the reference
                 set_reference(model, OfflineData(history_only(streams)))
-            return model.eval(), fp, True
+            return model.eval(), fp, {"cached": True, **record}
         except checkpoint.CheckpointError:
             pass  # stale or damaged: train again
     data = OfflineData(history_only(streams))
     if len(data) == 0:
         raise checkpoint.CheckpointError("no device has 3 or more history events to pre-train on")
     p = cfg.sim.pretrain
-    fit(model, data, lr=cfg.train.lr, batch=cfg.train.batch, max_epochs=p.max_epochs, patience=p.patience,
-        max_minutes=p.max_minutes, seed=cfg.seed, ce_positions=cfg.train.ce_positions, progress=progress)
+    result = fit(model, data, lr=cfg.train.lr, batch=cfg.train.batch, max_epochs=p.max_epochs, patience=p.patience,
+                 max_minutes=p.max_minutes, max_sequences=p.max_sequences, seed=cfg.seed,
+                 ce_positions=cfg.train.ce_positions, progress=progress)
+    record = {"epochs": result.epochs, "best_epoch": result.best_epoch, "stopped": result.stopped,
+              "sequences": result.history[-1]["sequences"] if result.history else 0}
     path.parent.mkdir(parents=True, exist_ok=True)
-    checkpoint.save(path, model, fp)
-    return model.eval(), fp, False
+    checkpoint.save(path, model, fp, extra=record)
+    return model.eval(), fp, {"cached": False, **record}
 
 
 @torch.no_grad()

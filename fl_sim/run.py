@@ -97,14 +97,14 @@ def _pretrain(cfg: DictConfig, streams, backends: list, n_shards: int, run_dir: 
     if pretrained_path(cfg, streams).exists():
         backends.append(make_backend(cfg, n_shards))
     bar = tqdm(desc="pre-train", unit="epoch", mininterval=0.5)
-    model, fp, cached = pretrained(cfg, streams, progress=lambda row: bar.update(1))
+    model, fp, training = pretrained(cfg, streams, progress=lambda row: bar.update(1))
     bar.close()
     if not backends:
         backends.append(make_backend(cfg, n_shards))
     shutil.rmtree(resume.folder(run_dir), ignore_errors=True)  # a fresh run: no earlier run's checkpoints
     users, _ = deployment_users(cfg, streams, model)  # the cloud's view of each history (cached with the model)
-    runfiles.write(run_dir, cfg, streams, model, fp, users)
-    return model, cached
+    runfiles.write(run_dir, cfg, streams, model, fp, users, training)
+    return model, training
 
 
 def _simulate(cfg: DictConfig, out: Path, n_shards: int, backends: list, start: float, memory: PeakMemory,
@@ -118,9 +118,9 @@ def _simulate(cfg: DictConfig, out: Path, n_shards: int, backends: list, start: 
         resume_from = resume.latest(run_dir)
         resume.check_config(runfiles.load_config(str(run_dir)), cfg)
         backends.append(make_backend(cfg, n_shards))
-        model, cached = runfiles.load_model(str(run_dir)), True
+        model, training = runfiles.load_model(str(run_dir)), {**runfiles.load_training(str(run_dir)), "cached": True}
     else:
-        model, cached = _pretrain(cfg, streams, backends, n_shards, run_dir, make_backend)
+        model, training = _pretrain(cfg, streams, backends, n_shards, run_dir, make_backend)
     backend = backends[0]
     sched = schedule(stream_times(streams), float(cfg.sim.round_s))
     if cfg.sim.max_rounds:
@@ -172,14 +172,14 @@ def _simulate(cfg: DictConfig, out: Path, n_shards: int, backends: list, start: 
     backend.run(rec)
     bar.close()
     sim_wall = time.perf_counter() - sim_start
-    summary = write_results(cfg, out, rec, runfiles.load_streams(str(run_dir)), shifts, cloud, n_shards, cached,
+    summary = write_results(cfg, out, rec, runfiles.load_streams(str(run_dir)), shifts, cloud, n_shards, training,
                             start, sim_wall, memory, backend, checkpoint_s)
     shutil.rmtree(run_dir, ignore_errors=True)
     return summary
 
 
 def write_results(cfg, out: Path, rec: Recorder, s: runfiles.Streams, shifts: pd.DataFrame | None, cloud, n_shards,
-                  cached, start, sim_wall, memory: PeakMemory, backend, checkpoint_s: list[float]) -> dict:
+                  training: dict, start, sim_wall, memory: PeakMemory, backend, checkpoint_s: list[float]) -> dict:
     dev = rec.device_table()
     installs = rec.install_table()
     fleet = build_fleet(cfg.devices, s.n_devices, cfg.seed)
@@ -262,7 +262,9 @@ def write_results(cfg, out: Path, rec: Recorder, s: runfiles.Streams, shifts: pd
         "sim_time_s": sim_time, "t_start": rec.sched.t0, "t_end": rec.sched.t0 + sim_time,
         "wall_s": time.perf_counter() - start, "sim_wall_s": sim_wall,
         "time_s": time_breakdown(rounds, sim_wall, rec.loop_s, parallel=backend.name != "inprocess"),
-        "pretrain_cached": cached,
+        "pretrain_cached": training["cached"],
+        # the cloud's pre-training: epochs, the epoch whose weights were kept, sequences trained on, why it stopped
+        "pretrain": {k: training.get(k) for k in ("epochs", "best_epoch", "sequences", "stopped")},
         "resumed": bool(cfg.resume),  # wall_s, sim_wall_s and peak_rss_mb then cover the resumed part only
         # this process and all it started (Ray included), plus on a cluster each other node's Ray
         # processes (the sum of their peaks), PSS

@@ -10,6 +10,7 @@ cache instead of each holding its own.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -42,7 +43,8 @@ class Streams:
 
 
 def write(folder: Path, cfg: DictConfig, streams: DeviceStreams, model: Recommender, fingerprint: dict,
-          users: np.ndarray) -> None:
+          users: np.ndarray, training: dict | None = None) -> None:
+    """The run's files; `training`: how the model was pre-trained (kept with it, for a resumed run's summary)."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     inter = streams.inter
@@ -51,7 +53,8 @@ def write(folder: Path, cfg: DictConfig, streams: DeviceStreams, model: Recommen
     for name, a in arrays.items():
         np.save(folder / f"stream_{name}.npy", np.asarray(a))
     np.save(folder / "history_users.npy", np.asarray(users, np.float32))
-    checkpoint.save(folder / "model.pt", model, fingerprint)
+    checkpoint.save(folder / "model.pt", model, fingerprint,
+                    extra={k: v for k, v in (training or {}).items() if k != "cached"})
 
 
 @lru_cache(maxsize=4)
@@ -83,6 +86,12 @@ def load_model(folder: str) -> Recommender:
     ck = torch.load(Path(folder) / "model.pt", map_location="cpu", weights_only=True)
     model.load_state_dict(ck["state_dict"])
     return model.eval()
+
+
+def load_training(folder: str) -> dict:
+    """How the run's model was pre-trained (`write`'s `training`)."""
+    ck = torch.load(Path(folder) / "model.pt", map_location="cpu", weights_only=True)
+    return json.loads(ck.get("extra", "{}"))
 
 
 FILES = ("config.yaml", *(f"stream_{name}.npy" for name in STREAM_ARRAYS), "history_users.npy", "model.pt")

@@ -237,9 +237,15 @@ class FitResult:
 
 
 def fit(model: Recommender, data: OfflineData, lr: float = 1e-3, batch: int = 128, max_epochs: int = 200,
-        patience: int = 5, max_minutes: float = 30.0, eval_every: int = 1, seed: int = 0, weight_decay: float = 0.0,
-        ce_positions: int = 0, lr_decay: float = 1.0, decay_patience: int = 2, progress=None) -> FitResult:
+        patience: int = 5, max_minutes: float | None = 30.0, eval_every: int = 1, seed: int = 0,
+        weight_decay: float = 0.0, ce_positions: int = 0, lr_decay: float = 1.0, decay_patience: int = 2,
+        max_sequences: int | None = None, progress=None) -> FitResult:
     """Adam, early stopping on validation NDCG@10; restores the best weights.
+
+    Bounds: `max_epochs`; `max_sequences`, training sequences seen (checked at each batch's end;
+    the epoch it cuts short is validated as any other), which bounds the work whatever the
+    machine; `max_minutes` (None: none), a wall-clock cap, which makes the model depend on how
+    fast the machine ran that day.
 
     lr_decay < 1: the learning rate is multiplied by it once more than `decay_patience` validations
     in a row bring no better NDCG@10 (torch's ReduceLROnPlateau; early stopping still counts from
@@ -253,7 +259,7 @@ def fit(model: Recommender, data: OfflineData, lr: float = 1e-3, batch: int = 12
     start = time.perf_counter()
     best, best_state, best_epoch, bad, history = -1.0, None, 0, 0, []
     stopped = "max_epochs"
-    epoch = 0
+    epoch = seen = 0
     for epoch in range(1, max_epochs + 1):
         model.train()
         losses = []
@@ -263,7 +269,11 @@ def fit(model: Recommender, data: OfflineData, lr: float = 1e-3, batch: int = 12
             loss.backward()
             opt.step()
             losses.append(loss.item())
-        row = {"epoch": epoch, "loss": float(np.mean(losses)), "elapsed_s": time.perf_counter() - start}
+            seen += len(users)
+            if max_sequences is not None and seen >= max_sequences:
+                break
+        row = {"epoch": epoch, "loss": float(np.mean(losses)), "sequences": seen,
+               "elapsed_s": time.perf_counter() - start}
         if epoch % eval_every == 0:
             val = evaluate(model, data, "valid", seed=seed)
             row.update(valid_ndcg10=val.ndcg10, valid_hit10=val.hit10, kept_blocks=float(val.kept_blocks.mean()),
@@ -281,7 +291,10 @@ def fit(model: Recommender, data: OfflineData, lr: float = 1e-3, batch: int = 12
         if bad >= patience:
             stopped = "early_stopping"
             break
-        if time.perf_counter() - start > max_minutes * 60:
+        if max_sequences is not None and seen >= max_sequences:
+            stopped = "max_sequences"
+            break
+        if max_minutes is not None and time.perf_counter() - start > max_minutes * 60:
             stopped = "time_limit"
             break
     if best_state is not None:

@@ -158,8 +158,28 @@ def test_one_seed_fixes_a_run_pretraining_included(tmp_path):
     a, _ = simulate(tmp_path, "a", "sim.backend=inprocess", cache=tmp_path / "cache_a")
     b, _ = simulate(tmp_path, "b", "sim.backend=inprocess", cache=tmp_path / "cache_b")
     assert a["pretrain_cached"] is False and b["pretrain_cached"] is False
-    for key in ("ndcg10", "hit10", "requests", "bytes_down", "mean_flops_per_inference"):
+    for key in ("ndcg10", "hit10", "requests", "bytes_down", "mean_flops_per_inference", "pretrain"):
         assert a[key] == b[key], key
+    assert a["pretrain"]["epochs"] == 1 and a["pretrain"]["stopped"] == "max_epochs"  # SMALL: one epoch
+
+
+def test_pretrained_cache_is_keyed_by_the_code(tmp_path, monkeypatch):
+    """A cached model is served only to the code that trained it: with any source of the data,
+    the models or the training changed, the cloud trains again (and caches under another name)."""
+    from fl_sim import pretrain
+    from fl_sim.data import build_streams, load_dataset, select_devices
+
+    cfg = make_cfg(*SMALL, f"cache_dir={tmp_path / 'cache'}")
+    inter, _ = load_dataset(cfg.dataset, num_clients=cfg.num_clients, seed=cfg.seed, cache_dir=cfg.cache_dir)
+    streams = build_streams(select_devices(inter, cfg.num_clients, cfg.seed), cfg.streams, cfg.seed)
+    _, _, first = pretrain.pretrained(cfg, streams)
+    _, _, again = pretrain.pretrained(cfg, streams)
+    assert first["cached"] is False and again == {**first, "cached": True}
+    path = pretrain.pretrained_path(cfg, streams)
+    monkeypatch.setattr(pretrain, "code_digest", lambda: "another-version")
+    assert pretrain.pretrained_path(cfg, streams) != path
+    _, _, changed = pretrain.pretrained(cfg, streams)
+    assert changed["cached"] is False
 
 
 def test_a_device_waits_for_its_model_before_asking_again(tmp_path, cache):

@@ -59,6 +59,28 @@ def test_plateau_schedule_follows_validation(ml100k):
     assert expected[-1] < 0.05  # lr 0.05 is too high for this model: validation stalls and the rate falls
 
 
+def test_training_stops_after_max_sequences(ml100k):
+    """The work bound: training stops at the end of the first batch that brings the sequences
+    trained on to `max_sequences`, and that epoch is validated as any other."""
+    data, cfg = ml100k
+    n = len(data)  # one sequence per user and epoch
+    torch.manual_seed(0)
+    one = fit(small_model(cfg, "device_rec", data), data, max_epochs=5, patience=5, max_sequences=1)
+    assert (one.epochs, one.stopped) == (1, "max_sequences")
+    assert 1 <= one.history[0]["sequences"] <= 128 and "valid_ndcg10" in one.history[0]
+    torch.manual_seed(0)
+    epoch = fit(small_model(cfg, "device_rec", data), data, max_epochs=5, patience=5, max_sequences=n)
+    assert (epoch.epochs, epoch.stopped, epoch.history[-1]["sequences"]) == (1, "max_sequences", n)
+    torch.manual_seed(0)
+    more = fit(small_model(cfg, "device_rec", data), data, max_epochs=5, patience=5, max_sequences=n + 1)
+    assert more.epochs == 2 and more.stopped == "max_sequences"
+    assert n + 1 <= more.history[-1]["sequences"] <= n + 128
+    torch.manual_seed(0)
+    epochs = fit(small_model(cfg, "device_rec", data), data, max_epochs=2, patience=5, max_sequences=10 * n,
+                 max_minutes=None)
+    assert (epochs.epochs, epochs.stopped, epochs.history[-1]["sequences"]) == (2, "max_epochs", 2 * n)
+
+
 def test_sampled_protocol_is_easier(ml100k):
     data, cfg = ml100k
     model = small_model(cfg, "device_rec", data)
