@@ -242,8 +242,9 @@ def fit(model: Recommender, data: OfflineData, lr: float = 1e-3, batch: int = 12
         max_sequences: int | None = None, progress=None) -> FitResult:
     """Adam, early stopping on validation NDCG@10; restores the best weights.
 
-    Bounds: `max_epochs`; `max_sequences`, training sequences seen (checked at each batch's end;
-    the epoch it cuts short is validated as any other), which bounds the work whatever the
+    Bounds: `max_epochs`; `max_sequences`, the training sequences seen, in whole epochs (one
+    sequence per user and epoch; the next epoch runs only if it fits, and a first epoch longer
+    than the bound stops at the batch that reaches it), which bounds the work whatever the
     machine; `max_minutes` (None: none), a wall-clock cap, which makes the model depend on how
     fast the machine ran that day.
 
@@ -270,7 +271,7 @@ def fit(model: Recommender, data: OfflineData, lr: float = 1e-3, batch: int = 12
             opt.step()
             losses.append(loss.item())
             seen += len(users)
-            if max_sequences is not None and seen >= max_sequences:
+            if max_sequences is not None and seen >= max_sequences:  # a first epoch longer than the bound
                 break
         row = {"epoch": epoch, "loss": float(np.mean(losses)), "sequences": seen,
                "elapsed_s": time.perf_counter() - start}
@@ -291,7 +292,7 @@ def fit(model: Recommender, data: OfflineData, lr: float = 1e-3, batch: int = 12
         if bad >= patience:
             stopped = "early_stopping"
             break
-        if max_sequences is not None and seen >= max_sequences:
+        if max_sequences is not None and seen + len(data) > max_sequences:  # the next epoch would not fit
             stopped = "max_sequences"
             break
         if max_minutes is not None and time.perf_counter() - start > max_minutes * 60:

@@ -60,25 +60,24 @@ def test_plateau_schedule_follows_validation(ml100k):
 
 
 def test_training_stops_after_max_sequences(ml100k):
-    """The work bound: training stops at the end of the first batch that brings the sequences
-    trained on to `max_sequences`, and that epoch is validated as any other."""
+    """The work bound, in whole epochs: an epoch runs only if its sequences (one per user) fit in
+    what is left of `max_sequences`; a first epoch longer than the bound stops at the end of the
+    batch that reaches it, and is validated as any other."""
     data, cfg = ml100k
-    n = len(data)  # one sequence per user and epoch
-    torch.manual_seed(0)
-    one = fit(small_model(cfg, "device_rec", data), data, max_epochs=5, patience=5, max_sequences=1)
-    assert (one.epochs, one.stopped) == (1, "max_sequences")
-    assert 1 <= one.history[0]["sequences"] <= 128 and "valid_ndcg10" in one.history[0]
-    torch.manual_seed(0)
-    epoch = fit(small_model(cfg, "device_rec", data), data, max_epochs=5, patience=5, max_sequences=n)
-    assert (epoch.epochs, epoch.stopped, epoch.history[-1]["sequences"]) == (1, "max_sequences", n)
-    torch.manual_seed(0)
-    more = fit(small_model(cfg, "device_rec", data), data, max_epochs=5, patience=5, max_sequences=n + 1)
-    assert more.epochs == 2 and more.stopped == "max_sequences"
-    assert n + 1 <= more.history[-1]["sequences"] <= n + 128
-    torch.manual_seed(0)
-    epochs = fit(small_model(cfg, "device_rec", data), data, max_epochs=2, patience=5, max_sequences=10 * n,
-                 max_minutes=None)
-    assert (epochs.epochs, epochs.stopped, epochs.history[-1]["sequences"]) == (2, "max_epochs", 2 * n)
+    n = len(data)
+
+    def fit_with(max_sequences, max_epochs=5):
+        torch.manual_seed(0)
+        result = fit(small_model(cfg, "device_rec", data), data, max_epochs=max_epochs, patience=5,
+                     max_sequences=max_sequences, max_minutes=None)
+        return result.epochs, result.stopped, result.history[-1]["sequences"]
+
+    epochs, stopped, seen = fit_with(1)
+    assert (epochs, stopped) == (1, "max_sequences") and 1 <= seen <= 128
+    assert fit_with(n) == (1, "max_sequences", n)
+    assert fit_with(2 * n - 1) == (1, "max_sequences", n)
+    assert fit_with(2 * n) == (2, "max_sequences", 2 * n)
+    assert fit_with(10 * n, max_epochs=2) == (2, "max_epochs", 2 * n)
 
 
 def test_sampled_protocol_is_easier(ml100k):
