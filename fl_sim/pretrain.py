@@ -81,7 +81,7 @@ def pretrained(cfg: DictConfig, streams: DeviceStreams, progress=None) -> tuple[
                  max_minutes=p.max_minutes, max_sequences=p.max_sequences, seed=cfg.seed,
                  ce_positions=cfg.train.ce_positions, progress=progress)
     record = {"epochs": result.epochs, "best_epoch": result.best_epoch, "stopped": result.stopped,
-              "sequences": result.history[-1]["sequences"] if result.history else 0}
+              "sequences": result.sequences}
     path.parent.mkdir(parents=True, exist_ok=True)
     checkpoint.save(path, model, fp, extra=record)
     return model.eval(), fp, {"cached": False, **record}

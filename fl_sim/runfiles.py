@@ -89,8 +89,9 @@ def load_model(folder: str) -> Recommender:
 
 
 def load_training(folder: str) -> dict:
-    """How the run's model was pre-trained (`write`'s `training`)."""
-    ck = torch.load(Path(folder) / "model.pt", map_location="cpu", weights_only=True)
+    """How the run's model was pre-trained (`write`'s `training`). Memory-mapped: the weights
+    themselves are not read (`load_model` does that)."""
+    ck = torch.load(Path(folder) / "model.pt", map_location="cpu", weights_only=True, mmap=True)
     return json.loads(ck.get("extra", "{}"))
 
 

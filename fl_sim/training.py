@@ -234,6 +234,7 @@ class FitResult:
     train_s: float
     history: list[dict]
     stopped: str
+    sequences: int = 0  # training sequences seen (0: not recorded, as in checkpoints made before it was)
 
 
 def fit(model: Recommender, data: OfflineData, lr: float = 1e-3, batch: int = 128, max_epochs: int = 200,
@@ -303,7 +304,7 @@ def fit(model: Recommender, data: OfflineData, lr: float = 1e-3, batch: int = 12
     if model.reveals_items:
         set_reference(model, data)
     return FitResult(epochs=epoch, best_epoch=best_epoch, best_valid=best, train_s=time.perf_counter() - start,
-                     history=history, stopped=stopped)
+                     history=history, stopped=stopped, sequences=seen)
 
 
 @torch.no_grad()
