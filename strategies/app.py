@@ -26,15 +26,15 @@ from fl_sim.faults import INJECTED
 class CloudStrategy(Strategy):
     """`post(tick, round, exchange, window, per_shard)` hands each shard its exchange outside
     Flower's messages (through Ray's object store); the Flower message is then only a tick, and
-    `ahead` ticks are kept sent beyond the current exchange. Flower's simulation runtime moves a
-    node's messages to its workers by polling, one message per node every 0.1 s: with a single
-    tick ahead, an exchange shorter than that waited for its message (measured at 5,000
-    devices: 36 ms an exchange on average, 5.3 s over 147 exchanges); with eight, the ticks
-    queue up during the long exchanges and the short ones find theirs waiting (3 ms, the
-    median, most of it the deliveries' trip through the object store). A worker holds
-    one tick at a time and ticks are queued in order, so each exchange's ticks are all taken
-    before any later one (one worker per shard: `RayFlower.per_worker`). Without `post` the
-    window and deliveries travel inside the messages, one exchange at a time."""
+    `ahead` ticks are kept sent beyond the current exchange. Flower's simulation runtime moves
+    messages to its workers by polling (fl_sim.backends.pump_messages: every message waiting,
+    every 20 ms; Flower's own moves one per node every 0.1 s): with a single tick ahead, an
+    exchange shorter than the poll waited for its message (measured at 5,000 devices with
+    Flower's: 36 ms an exchange on average, 5.3 s over 147 exchanges); with eight, each exchange
+    finds its tick waiting. A worker holds one tick at a time and ticks are queued in order, so
+    each exchange's ticks are all taken before any later one (one worker per shard:
+    `RayFlower.per_worker`). Without `post` the window and deliveries travel inside the messages,
+    one exchange at a time."""
 
     def __init__(self, recorder: Recorder, post=None, tag: str = "", run_dir: str = "",
                  connect_timeout_s: float = 300.0, timeout_s: float = 86_400.0, ahead: int = 8):

@@ -58,3 +58,44 @@ def test_shards_go_to_nodes_in_proportion_to_their_cpus():
     assert sorted(place({"a": 8, "b": 8, "c": 16}, 8)) == ["a", "a", "b", "b", "c", "c", "c", "c"]
     assert place({"a": 1}, 3) == ["a", "a", "a"]
     assert place({"a": 0, "b": 2}, 2) == ["b", "b"]  # a node without CPUs gets none while others have room
+
+
+def test_flower_messages_reach_the_workers_all_at_once_in_push_order():
+    """Flower's runtime moves one message per node every 0.1 s; the pump moves every waiting
+    message, ordered by when it was pushed across nodes, so each exchange's ticks are queued
+    before any later exchange's (a worker waiting on a later tick would hold up the others)."""
+    import queue
+    import threading
+    from types import SimpleNamespace
+
+    from flwr.server.superlink.fleet.vce import vce_api
+
+    from fl_sim.backends import prompt_messages, pump_messages
+
+    def tick(node, n):  # node 1's ticks were pushed first in each exchange, then node 2's
+        return SimpleNamespace(name=f"{node}:{n}", metadata=SimpleNamespace(created_at=10.0 * n + node))
+
+    class State:
+        def __init__(self):
+            self.waiting = {1: [tick(1, n) for n in range(3)], 2: [tick(2, n) for n in range(3)]}
+            self.limits = []
+
+        def get_message_ins(self, node_id, limit):
+            self.limits.append(limit)
+            out, self.waiting[node_id] = self.waiting[node_id], []
+            return out
+
+    class OnePass(threading.Event):
+        def wait(self, timeout=None):
+            self.set()
+            return True
+
+    state, q = State(), queue.Queue()
+    pump_messages(state, q, {1: 0, 2: 1}, OnePass())
+    assert [q.get_nowait().name for _ in range(q.qsize())] == ["1:0", "2:0", "1:1", "2:1", "1:2", "2:2"]
+    assert state.limits == [None, None]
+
+    original = vce_api.add_messages_to_queue
+    with prompt_messages():
+        assert vce_api.add_messages_to_queue is pump_messages
+    assert vce_api.add_messages_to_queue is original
