@@ -89,11 +89,23 @@ def scale(result: dict, runs: dict, cache: str, sizes: list[int], n_runs: int, r
                     row[k] = old[k]
             if "floor" in row:
                 row.update(ratios(row["sim_wall_s"], mid["time_s"]["rounds"], row["floor"]))
+        keep(row, old)
         rows[str(n)] = row
     if rows_only:
         return
     checkpoints(result, runs, cache, max(sizes))
     floors(result, runs, cache, sizes)
+
+
+def keep(row: dict, old: dict) -> None:
+    """What a new row must not lose of the row it replaces: the floor pairs (each names its
+    commit) stay as they are; the old row's floor, checkpoint and ratios, when the new row does
+    not carry them over, stay under `before` (they belong to the old runs)."""
+    for k, v in old.items():
+        if k.startswith("floor_pairs") and k not in row:
+            row[k] = v
+        elif k not in row and k != "before":
+            row["before"][k] = v
 
 
 def commit() -> str:
