@@ -21,8 +21,9 @@ Cases (5,000 devices and the default config unless named):
   checkpoints  the checkpoint run of `scale` alone (pre-training cached at the largest size)
   floor      the floors of `scale` alone, each against new runs of the default command (--pairs:
              how many, alternating run and floor; medians of the ratios). The pairs replace the
-             row's; with --add-pairs they join the row's pairs of the same commit (each pair
-             names its commit; a work tree with changes never adds)
+             row's, which move to floor_pairs_<commit>; with --add-pairs they join the row's
+             pairs of the same commit (each pair names its commit; a work tree with changes
+             never adds)
 Writes benchmarks/results/fleet.json: every run and the median per case. --cache DIR reuses the
 pre-trained models cached there (default: a fresh directory; pre-training is never timed in the
 cached cases).
@@ -124,8 +125,9 @@ def floors(result: dict, runs: dict, cache: str, sizes: list[int], pairs: int = 
     over the run's shards as one-thread processes; that run's simulation wall time over each.
     `pairs`: that many runs, each followed by its floor; the row keeps every pair and the
     medians of their ratios (the machine's speed varies within an hour). `add`: the new pairs
-    join the row's pairs measured at the same commit (pairs of other code are dropped, not
-    mixed in); otherwise they replace the row's pairs."""
+    join the row's pairs measured at the same commit; otherwise they replace the row's pairs.
+    Pairs that leave `floor_pairs` are not mixed in and not lost: they stay under
+    `floor_pairs_<commit>` (`shelve`)."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from floor import measure
 
@@ -150,10 +152,20 @@ def floors(result: dict, runs: dict, cache: str, sizes: list[int], pairs: int = 
             print("--add-pairs: the work tree has changes, so the new pairs replace the row's", file=sys.stderr)
         elif add:
             samples = [x for x in row.get("floor_pairs", []) if x.get("commit") == code] + samples
+        shelve(row, [x for x in row.get("floor_pairs", []) if x not in samples])
         mid_pair = sorted(samples, key=lambda x: x["rounds_over_floor_versions"])[len(samples) // 2]
         row["floor"], row["floor_run"] = mid_pair["floor"], mid_pair["floor_run"]
         row.update({k: round(statistics.median(x[k] for x in samples), 2) for k in samples[-1] if "_over_" in k})
         row["floor_pairs"] = samples
+
+
+def shelve(row: dict, pairs: list[dict]) -> None:
+    """Floor pairs leaving the row's `floor_pairs` kept under `floor_pairs_<commit>`, one key per
+    commit (joining pairs already kept there)."""
+    for pair in pairs:
+        kept = row.setdefault(f"floor_pairs_{pair.get('commit', 'unknown')[:7]}", [])
+        if pair not in kept:
+            kept.append(pair)
 
 
 def ratios(sim_wall_s: float, rounds_s: float, floor: dict) -> dict:
